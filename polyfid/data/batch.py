@@ -1,0 +1,223 @@
+"""Packing frames into flat tensors and gathering batches without Python loops over atoms.
+
+A packed data set holds, for all frames at once, the atoms, the neighbour pairs (computed
+once with vesin at the model's cutoff) and the labels of each fidelity with masks. A batch
+is a disjoint union of frames: atoms and pairs concatenated, pair indices offset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from polyfid.data.errors import DataError
+from polyfid.data.frame import Dataset
+from polyfid.neighbors import neighbor_pairs
+
+
+@dataclass
+class Batch:
+    """A batch of B frames with N atoms and P directed pairs; F fidelities.
+
+    numbers (N,) int64; positions (N, 3) Å; frame (N,) frame index of each atom;
+    n_atoms (B,); pair_i, pair_j (P,); shifts (P, 3) integer cell shifts (float);
+    cell (B, 3, 3) Å (zeros if open); energy (B, F) eV with energy_mask (B, F);
+    forces (N, F, 3) eV/Å with forces_mask (B, F); stress (B, F, 3, 3) eV/Å³ with stress_mask.
+    pair_slot (P,) = pair_i · max_neighbors + rank of the pair among i's pairs: the place of
+    each pair in a padded (N, max_neighbors) layout, which turns neighbour sums into bmm.
+    """
+
+    numbers: torch.Tensor
+    positions: torch.Tensor
+    frame: torch.Tensor
+    n_atoms: torch.Tensor
+    pair_i: torch.Tensor
+    pair_j: torch.Tensor
+    shifts: torch.Tensor
+    cell: torch.Tensor
+    energy: torch.Tensor
+    energy_mask: torch.Tensor
+    forces: torch.Tensor
+    forces_mask: torch.Tensor
+    stress: torch.Tensor
+    stress_mask: torch.Tensor
+    pair_slot: torch.Tensor | None = None
+    max_neighbors: int = 0
+    periodic: bool = False
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.n_atoms.shape[0])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Batch:
+        """Move to a device; floating tensors (not masks) to `dtype`."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+            out[f.name] = v
+        return Batch(**out)
+
+
+def neighbor_rank(i: np.ndarray, n_atoms: int) -> tuple[np.ndarray, int]:
+    """Rank of each pair among the pairs of its first atom, and the largest neighbour count."""
+    counts = np.bincount(i, minlength=n_atoms)
+    order = np.argsort(i, kind="stable")
+    rank = np.empty_like(i)
+    rank[order] = np.arange(len(i)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rank, int(counts.max(initial=0))
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + c) for each (s, c), vectorised."""
+    total = int(counts.sum())
+    offsets = np.cumsum(counts) - counts
+    return np.arange(total) - np.repeat(offsets, counts) + np.repeat(starts, counts)
+
+
+class PackedData:
+    """All frames of a data set as flat tensors, with neighbour pairs within `cutoff` (Å).
+
+    `fidelities` fixes the order of the label columns (the model's head order); label
+    sets of other fidelities are ignored.
+    """
+
+    def __init__(self, dataset: Dataset, cutoff: float, fidelities: Sequence[str], dtype=torch.float64) -> None:
+        if len(dataset) == 0:
+            raise DataError(f"data set {dataset.name!r} is empty")
+        self.fidelities = list(fidelities)
+        self.cutoff = float(cutoff)
+        frames = dataset.frames
+        n_fid = len(self.fidelities)
+        n_atoms = np.array([f.n_atoms for f in frames], dtype=np.int64)
+        pi, pj, ps, pk, n_pairs, max_nbr = [], [], [], [], [], []
+        for f in frames:
+            i, j, s = neighbor_pairs(f.positions, cutoff, f.cell, f.pbc)
+            rank, kmax = neighbor_rank(i, f.n_atoms)
+            pk.append(rank)
+            max_nbr.append(kmax)
+            pi.append(i)
+            pj.append(j)
+            ps.append(s)
+            n_pairs.append(len(i))
+        self.n_frames = len(frames)
+        self.n_atoms = n_atoms
+        self.n_pairs = np.array(n_pairs, dtype=np.int64)
+        self.max_neighbors = np.array(max_nbr, dtype=np.int64)
+        self.pair_rank = torch.from_numpy(np.concatenate(pk))
+        self.atom_ptr = np.concatenate([[0], np.cumsum(n_atoms)])
+        self.pair_ptr = np.concatenate([[0], np.cumsum(self.n_pairs)])
+        self.periodic = any(bool(np.any(f.pbc)) for f in frames)
+
+        self.numbers = torch.from_numpy(np.concatenate([f.numbers for f in frames]))
+        self.positions = torch.from_numpy(np.concatenate([f.positions for f in frames])).to(dtype)
+        self.pair_i = torch.from_numpy(np.concatenate(pi))
+        self.pair_j = torch.from_numpy(np.concatenate(pj))
+        self.shifts = torch.from_numpy(np.concatenate(ps).astype(np.float64)).to(dtype)
+        cell = np.zeros((self.n_frames, 3, 3))
+        energy = np.zeros((self.n_frames, n_fid))
+        e_mask = np.zeros((self.n_frames, n_fid), dtype=bool)
+        forces = np.zeros((int(self.atom_ptr[-1]), n_fid, 3))
+        f_mask = np.zeros((self.n_frames, n_fid), dtype=bool)
+        stress = np.zeros((self.n_frames, n_fid, 3, 3))
+        s_mask = np.zeros((self.n_frames, n_fid), dtype=bool)
+        for b, f in enumerate(frames):
+            if f.cell is not None:
+                cell[b] = f.cell
+            for k, fid in enumerate(self.fidelities):
+                lab = f.labels.get(fid)
+                if lab is None:
+                    continue
+                if lab.energy is not None:
+                    energy[b, k] = lab.energy
+                    e_mask[b, k] = True
+                if lab.forces is not None:
+                    forces[self.atom_ptr[b] : self.atom_ptr[b + 1], k] = lab.forces
+                    f_mask[b, k] = True
+                if lab.stress is not None:
+                    stress[b, k] = lab.stress
+                    s_mask[b, k] = True
+        self.cell = torch.from_numpy(cell).to(dtype)
+        self.energy = torch.from_numpy(energy).to(dtype)
+        self.energy_mask = torch.from_numpy(e_mask)
+        self.forces = torch.from_numpy(forces).to(dtype)
+        self.forces_mask = torch.from_numpy(f_mask)
+        self.stress = torch.from_numpy(stress).to(dtype)
+        self.stress_mask = torch.from_numpy(s_mask)
+
+    def __len__(self) -> int:
+        return self.n_frames
+
+    def batch(self, index: Sequence[int] | np.ndarray) -> Batch:
+        """Gather frames `index` into one Batch."""
+        idx = np.asarray(index, dtype=np.int64)
+        na = self.n_atoms[idx]
+        npairs = self.n_pairs[idx]
+        atoms = torch.from_numpy(_ranges(self.atom_ptr[idx], na))
+        pairs = torch.from_numpy(_ranges(self.pair_ptr[idx], npairs))
+        # pair indices are stored local to their frame: offset by the frame's start in the batch
+        new_start = np.cumsum(na) - na
+        pair_offset = torch.from_numpy(np.repeat(new_start, npairs))
+        tidx = torch.from_numpy(idx)
+        pair_i = self.pair_i[pairs] + pair_offset
+        kmax = max(int(self.max_neighbors[idx].max()), 1)
+        return Batch(
+            numbers=self.numbers[atoms],
+            positions=self.positions[atoms],
+            frame=torch.from_numpy(np.repeat(np.arange(len(idx)), na)),
+            n_atoms=torch.from_numpy(na),
+            pair_i=pair_i,
+            pair_j=self.pair_j[pairs] + pair_offset,
+            shifts=self.shifts[pairs],
+            cell=self.cell[tidx],
+            energy=self.energy[tidx],
+            energy_mask=self.energy_mask[tidx],
+            forces=self.forces[atoms],
+            forces_mask=self.forces_mask[tidx],
+            stress=self.stress[tidx],
+            stress_mask=self.stress_mask[tidx],
+            pair_slot=pair_i * kmax + self.pair_rank[pairs],
+            max_neighbors=kmax,
+            periodic=self.periodic,
+        )
+
+
+def single_frame_batch(
+    numbers: np.ndarray,
+    positions: np.ndarray,
+    cutoff: float,
+    cell: np.ndarray | None = None,
+    pbc: np.ndarray | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Batch:
+    """A label-free Batch of one structure (the MD / calculator path)."""
+    i, j, s = neighbor_pairs(positions, cutoff, cell, pbc)
+    n = len(numbers)
+    rank, kmax = neighbor_rank(i, n)
+    kmax = max(kmax, 1)
+    periodic = pbc is not None and bool(np.any(pbc))
+    empty = torch.zeros((1, 0), dtype=dtype)
+    nomask = torch.zeros((1, 0), dtype=torch.bool)
+    return Batch(
+        numbers=torch.from_numpy(np.asarray(numbers, dtype=np.int64)),
+        positions=torch.tensor(positions, dtype=dtype),
+        frame=torch.zeros(n, dtype=torch.int64),
+        n_atoms=torch.tensor([n]),
+        pair_i=torch.from_numpy(i),
+        pair_j=torch.from_numpy(j),
+        shifts=torch.from_numpy(s).to(dtype),
+        cell=torch.tensor(np.zeros((3, 3)) if cell is None else cell, dtype=dtype).reshape(1, 3, 3),
+        energy=empty,
+        energy_mask=nomask,
+        forces=torch.zeros((n, 0, 3), dtype=dtype),
+        forces_mask=nomask,
+        stress=torch.zeros((1, 0, 3, 3), dtype=dtype),
+        stress_mask=nomask,
+        pair_slot=torch.from_numpy(i * kmax + rank),
+        max_neighbors=kmax,
+        periodic=periodic,
+    )

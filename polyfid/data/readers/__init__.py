@@ -1,0 +1,128 @@
+"""Data readers: every supported format into a :class:`~polyfid.data.frame.Dataset` in eV and Å.
+
+``read(path, format=None, fidelity=None, **options)`` picks the reader from ``format`` or from the
+file name and content:
+
+==========  ==============================================  ==========================================
+format      what                                            detected from
+==========  ==============================================  ==========================================
+ase         anything ``ase.io`` reads (extxyz, traj, ...)   any suffix not claimed below
+extxyz      alias of ``ase``
+ase-db      ASE database (``ase.db``)                       ``.db``
+npz         sGDML / MD17 / revised MD17                     ``.npz``
+hdf5        ANI-style HDF5 (COMP6, ANI-1x)                  ``.h5``, ``.hdf5``
+pyseqm      PYSEQM folder of ``.npy`` files                 a folder holding ``Z.npy`` and ``R.npy``
+qm22        QM-22 xyz (energy line, gradient columns)       ``.xyz`` whose second line is one number
+==========  ==============================================  ==========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from polyfid.data.errors import DataError
+from polyfid.data.frame import Dataset
+from polyfid.data.readers.ase_io import read_ase, read_ase_db
+from polyfid.data.readers.hdf5 import read_hdf5
+from polyfid.data.readers.npz import read_npz
+from polyfid.data.readers.pyseqm import read_pyseqm
+from polyfid.data.readers.qm22 import read_qm22
+
+#: format name -> reader ``f(path, fidelity=None, **options) -> Dataset``
+READERS: dict[str, Callable[..., Dataset]] = {
+    "ase": read_ase,
+    "extxyz": read_ase,
+    "ase-db": read_ase_db,
+    "npz": read_npz,
+    "hdf5": read_hdf5,
+    "pyseqm": read_pyseqm,
+    "qm22": read_qm22,
+}
+
+_SUFFIXES = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".db": "ase-db"}
+
+
+def _looks_like_qm22(path: Path) -> bool:
+    """True if the first frame reads: atom count / one number / ``El x y z gx gy gz`` lines."""
+    try:
+        with open(path) as fh:
+            head = [fh.readline() for _ in range(3)]
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        int(head[0])
+        float(head[1])
+    except ValueError:
+        return False
+    return len(head[2].split()) == 7
+
+
+def detect_format(path: str | Path) -> str:
+    """Name of the reader for `path` (see the table in the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "Z.npy").is_file() and (path / "R.npy").is_file():
+            return "pyseqm"
+        raise DataError(f"{path}: a folder, but not a PYSEQM folder (no Z.npy and R.npy); give a file")
+    suffix = path.suffix.lower()
+    if suffix in _SUFFIXES:
+        return _SUFFIXES[suffix]
+    if suffix == ".xyz" and _looks_like_qm22(path):
+        return "qm22"
+    return "ase"
+
+
+def read(path: str | Path, format: str | None = None, fidelity: str | None = None, **options: Any) -> Dataset:
+    """Read `path` into a Dataset (eV, Å), with the reader for `format` or the detected one.
+
+    `fidelity` names the level of theory of single-level files (default ``"default"``); for
+    multi-level files (rMD17, PYSEQM) it selects levels by name. `options` go to the reader (see
+    each reader's docstring: units, key names, index, levels). Raises DataError for a missing path,
+    an unknown format, or malformed data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    fmt = format.lower() if format else detect_format(path)
+    if fmt not in READERS:
+        raise DataError(f"{path}: unknown format {format!r}; known formats: {sorted(READERS)}")
+    try:
+        return READERS[fmt](path, fidelity=fidelity, **options)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):
+            raise DataError(f"{path}: option not understood by the {fmt!r} reader: {err}") from None
+        raise
+
+
+def load_dataset(spec: Mapping[str, Any]) -> Dataset:
+    """Read a data set described by a dict (e.g. from a YAML config)::
+
+        {"path": "../shared/data/rmd17/rmd17_ethanol_train_01.npz", "format": "npz",
+         "fidelity": "pbe_def2svp", "options": {"index": [0, 1, 2]}}
+
+    Only ``path`` is required. Unknown top-level keys raise DataError.
+    """
+    allowed = {"path", "format", "fidelity", "options"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise DataError(f"data set spec: unknown key(s) {sorted(unknown)}; expected {sorted(allowed)}")
+    if "path" not in spec:
+        raise DataError(f"data set spec: no 'path' in {dict(spec)}")
+    options = dict(spec.get("options") or {})
+    return read(spec["path"], format=spec.get("format"), fidelity=spec.get("fidelity"), **options)
+
+
+__all__ = [
+    "READERS",
+    "detect_format",
+    "load_dataset",
+    "read",
+    "read_ase",
+    "read_ase_db",
+    "read_hdf5",
+    "read_npz",
+    "read_pyseqm",
+    "read_qm22",
+]

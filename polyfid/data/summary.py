@@ -1,0 +1,105 @@
+"""Summaries of a Dataset: sizes, elements, and label statistics per fidelity (eV, Å)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from polyfid.data.frame import Dataset
+
+
+def summarize(dataset: Dataset) -> dict[str, Any]:
+    """Statistics of `dataset` as a plain dict.
+
+    Keys: ``name``, ``frames``, ``atoms`` (min/mean/max atoms per frame), ``elements`` (symbols),
+    ``formulas`` (number of distinct formulas), ``fidelities``: name -> {``energies``, ``forces``,
+    ``stress`` (counts of frames with that label), ``energy_per_atom_mean`` / ``_std`` (eV/atom),
+    ``force_rms`` (RMS force component, eV/Å), ``force_max`` (largest |F| of an atom, eV/Å)}.
+    Statistics over no data are None.
+    """
+    from ase.data import chemical_symbols
+
+    n_atoms = np.array([f.n_atoms for f in dataset], dtype=np.int64)
+    out: dict[str, Any] = {
+        "name": dataset.name,
+        "frames": len(dataset),
+        "atoms": {
+            "min": int(n_atoms.min()) if len(n_atoms) else None,
+            "mean": float(n_atoms.mean()) if len(n_atoms) else None,
+            "max": int(n_atoms.max()) if len(n_atoms) else None,
+        },
+        "elements": [chemical_symbols[z] for z in dataset.elements],
+        "formulas": len(Counter(f.formula() for f in dataset)),
+        "fidelities": {},
+    }
+    for fid in dataset.fidelities:
+        e_per_atom, sq_sum, n_comp, f_max = [], 0.0, 0, None
+        counts = {"energies": 0, "forces": 0, "stress": 0}
+        for fr in dataset:
+            lab = fr.labels.get(fid)
+            if lab is None:
+                continue
+            if lab.energy is not None:
+                counts["energies"] += 1
+                e_per_atom.append(lab.energy / fr.n_atoms)
+            if lab.forces is not None:
+                counts["forces"] += 1
+                sq_sum += float(np.sum(lab.forces**2))
+                n_comp += lab.forces.size
+                m = float(np.linalg.norm(lab.forces, axis=1).max())
+                f_max = m if f_max is None else max(f_max, m)
+            if lab.stress is not None:
+                counts["stress"] += 1
+        epa = np.array(e_per_atom)
+        out["fidelities"][fid] = {
+            **counts,
+            "energy_per_atom_mean": float(epa.mean()) if len(epa) else None,
+            "energy_per_atom_std": float(epa.std()) if len(epa) else None,
+            "force_rms": float(np.sqrt(sq_sum / n_comp)) if n_comp else None,
+            "force_max": f_max,
+        }
+    return out
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A readable text table of a :func:`summarize` result."""
+    a = summary["atoms"]
+    lines = [
+        f"data set {summary.get('name') or '(unnamed)'}: {summary['frames']} frames, "
+        f"atoms/frame {a['min']}..{a['max']} (mean {_fmt(a['mean'], '.1f')}), "
+        f"{summary['formulas']} formula(s), elements {' '.join(summary['elements'])}",
+    ]
+    header = (
+        "fidelity",
+        "energies",
+        "forces",
+        "stress",
+        "E/atom mean eV",
+        "E/atom std eV",
+        "F rms eV/A",
+        "|F| max eV/A",
+    )
+    rows = [
+        (
+            fid,
+            str(s["energies"]),
+            str(s["forces"]),
+            str(s["stress"]),
+            _fmt(s["energy_per_atom_mean"], ".6g"),
+            _fmt(s["energy_per_atom_std"]),
+            _fmt(s["force_rms"]),
+            _fmt(s["force_max"]),
+        )
+        for fid, s in summary["fidelities"].items()
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Networks (one architecture per file), the Potential that wraps them, and model files.
+
+A model file is a plain dict of tensors and primitives written with ``torch.save`` and
+read with ``torch.load(weights_only=True)``: loading never executes code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polyfid.models.hipnn import HIPNN
+from polyfid.models.potential import Potential
+
+#: architecture name -> representation class; each takes n_species plus its own options
+ARCHITECTURES: dict[str, type[torch.nn.Module]] = {"hipnn": HIPNN}
+
+MODEL_FORMAT = "polyfid-model"
+UNITS = {"energy": "eV", "forces": "eV/Å", "stress": "eV/Å³", "length": "Å"}
+
+
+def build_potential(model_config: dict[str, Any], species: Sequence[int], fidelities: Sequence[str]) -> Potential:
+    """Build a Potential from {"architecture": NAME, **options} for `species` and `fidelities`."""
+    cfg = dict(model_config)
+    name = cfg.pop("architecture", "hipnn")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
+    rep = ARCHITECTURES[name](n_species=len(species), **cfg)
+    return Potential(rep, species, fidelities)
+
+
+def atomic_write(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def model_dict(model: Potential, model_config: dict[str, Any], metadata: dict[str, Any] | None = None) -> dict:
+    """The serialisable description of a model (config, species, fidelities, units, weights)."""
+    return {
+        "format": MODEL_FORMAT,
+        "version": 1,
+        "model_config": dict(model_config),
+        "species": list(model.species),
+        "fidelities": list(model.fidelities),
+        "units": dict(UNITS),
+        "metadata": dict(metadata or {}),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+
+
+def save_model(path: str | Path, model: Potential, model_config: dict[str, Any], metadata: dict | None = None) -> None:
+    """Write a model file atomically."""
+    atomic_write(model_dict(model, model_config, metadata), path)
+
+
+def model_from_dict(d: dict, source: str = "model") -> Potential:
+    if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{source}: not a polyfid model file (format key missing or wrong)")
+    model = build_potential(d["model_config"], d["species"], d["fidelities"])
+    model.load_state_dict(d["state_dict"])
+    return model
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> Potential:
+    """Load a model file (no code executed: weights_only=True) in `dtype`, in eval mode."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    model = model_from_dict(d, str(path)).to(dtype=dtype, device=device)
+    model.eval()
+    return model
+
+
+__all__ = ["ARCHITECTURES", "HIPNN", "Potential", "build_potential", "load_model", "save_model", "atomic_write"]

@@ -1,0 +1,39 @@
+"""Residual wrapper and activations shared by the networks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"softplus": nn.Softplus, "silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+def make_activation(name: str) -> nn.Module:
+    """An activation module by name (softplus, silu, tanh, gelu)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class Residual(nn.Module):
+    """y = W_res · act(base(x, ...)) + A x, with A the identity when sizes agree (hippynn's
+    ResNetWrapper). `base` maps n_in -> n_mid features (N, n_mid)."""
+
+    def __init__(self, base: nn.Module, n_in: int, n_mid: int, n_out: int, act: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.act = act
+        self.res = nn.Linear(n_mid, n_out)
+        self.adjust = nn.Linear(n_in, n_out, bias=False) if n_in != n_out else None
+
+    def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        y = self.res(self.act(self.base(x, *args)))
+        return y + (x if self.adjust is None else self.adjust(x))
+
+
+class AtomLinear(nn.Linear):
+    """Linear on-site layer, xavier-normal initialised (the HIP-NN atom layer)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out)
+        nn.init.xavier_normal_(self.weight)

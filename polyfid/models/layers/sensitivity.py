@@ -1,0 +1,41 @@
+"""Distance sensitivities of the HIP-NN family."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class CosineCutoff(nn.Module):
+    """φ(r) = cos²(π r / 2 r_c) for r < r_c, else 0: value and slope vanish at r_c."""
+
+    def __init__(self, cutoff: float) -> None:
+        super().__init__()
+        self.cutoff = float(cutoff)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        phi = torch.cos((0.5 * math.pi / self.cutoff) * r).square()
+        return torch.where(r < self.cutoff, phi, torch.zeros_like(phi))
+
+
+class InverseSensitivity(nn.Module):
+    """s_ν(r) = exp(−(1/r − 1/μ_ν)² / (2σ_ν²)) · φ_cut(r), ν = 1..n.
+
+    Learned μ (Å) spread evenly in 1/r between `soft_min` and `soft_max`; learned 1/σ
+    (stored as `inv_sigma`, Å, initialised as hippynn does). r: (P,) Å -> (P, n).
+    """
+
+    def __init__(self, n: int, soft_min: float, soft_max: float, cutoff: float) -> None:
+        super().__init__()
+        inv_mu = torch.linspace(1.0 / soft_max, 1.0 / soft_min, n)
+        self.inv_mu = nn.Parameter(inv_mu.unsqueeze(0))
+        self.inv_sigma = nn.Parameter(torch.full((1, n), 2.0 * n * soft_min))
+        self.cutoff = CosineCutoff(cutoff)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        arg = 0.5 * ((r.reciprocal().unsqueeze(1) - self.inv_mu) * self.inv_sigma).square()
+        # exact zeros where exp underflows: denormal floats slow CPU matmuls ~10x
+        arg = torch.where(arg < 60.0, arg, torch.full_like(arg, torch.inf))
+        return torch.exp(-arg) * self.cutoff(r).unsqueeze(1)

@@ -1,0 +1,161 @@
+"""A potential: representation → hierarchical energy heads (one per fidelity) → energy,
+forces = −∂E/∂R, stress = (1/V) ∂E/∂ε.
+
+E_h = Σ_i [ e_h(Z_i) + σ_h · (Σ_n w_{h,n} · z_i^n + b_h) ], with e_h the per-element
+reference energies of fidelity h (least squares on its own energies) and σ_h a fixed scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from polyfid.data.batch import Batch, PackedData
+from polyfid.data.errors import DataError
+from polyfid.models.layers.geometry import PairGeometry
+
+
+class Potential(nn.Module):
+    """Representation plus one hierarchical linear energy head per fidelity.
+
+    representation: module (x_onehot (N, n_species), PairGeometry) -> list of feature blocks, with
+    attributes `feature_sizes` and `cutoff` (Å). species: atomic numbers the model knows.
+    fidelities: head names, in order.
+    """
+
+    def __init__(self, representation: nn.Module, species: Sequence[int], fidelities: Sequence[str]) -> None:
+        super().__init__()
+        self.representation = representation
+        self.species = [int(z) for z in species]
+        self.fidelities = list(fidelities)
+        self.cutoff = float(representation.cutoff)
+        table = torch.full((119,), -1, dtype=torch.long)
+        table[torch.tensor(self.species)] = torch.arange(len(self.species))
+        self.register_buffer("species_index", table, persistent=False)
+        n_heads = len(self.fidelities)
+        self.readout = nn.Linear(sum(representation.feature_sizes), n_heads)
+        nn.init.zeros_(self.readout.weight)
+        nn.init.zeros_(self.readout.bias)
+        self.register_buffer("atom_ref", torch.zeros(len(self.species), n_heads))
+        self.register_buffer("energy_scale", torch.ones(n_heads))
+
+    def head_index(self, fidelity: str | None) -> int:
+        """Index of the head for `fidelity` (None: the only head, or the first)."""
+        if fidelity is None:
+            return 0
+        if fidelity not in self.fidelities:
+            raise KeyError(f"this model has no fidelity {fidelity!r}; it has {self.fidelities}")
+        return self.fidelities.index(fidelity)
+
+    def _species(self, numbers: torch.Tensor) -> torch.Tensor:
+        idx = self.species_index[numbers]
+        if bool((idx < 0).any()):
+            unknown = sorted(set(numbers[idx < 0].tolist()))
+            raise DataError(f"atomic numbers {unknown} are not among the model's species {self.species}")
+        return idx
+
+    def energies(self, batch: Batch, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """Energies (B, H) in eV of every frame at every head, from `positions` (N, 3) Å
+        and `cell` (B, 3, 3), which may carry autograd graphs."""
+        idx = self._species(batch.numbers)
+        x = nn.functional.one_hot(idx, len(self.species)).to(positions.dtype)
+        vec = positions.index_select(0, batch.pair_j) - positions.index_select(0, batch.pair_i)
+        if batch.periodic:
+            pair_cell = cell.index_select(0, batch.frame.index_select(0, batch.pair_i))
+            vec = vec + torch.bmm(batch.shifts.unsqueeze(1), pair_cell).squeeze(1)
+        k = batch.max_neighbors
+        nbr_j = batch.pair_j.new_zeros(len(batch.numbers) * k).index_copy_(0, batch.pair_slot, batch.pair_j)
+        geom = PairGeometry(batch.pair_i, batch.pair_j, vec, vec.norm(dim=1), batch.pair_slot, nbr_j, k)
+        feats = self.representation(x, geom)
+        e_atom = self.readout(torch.cat(feats, dim=1)) * self.energy_scale + self.atom_ref.index_select(0, idx)
+        return e_atom.new_zeros(batch.n_frames, e_atom.shape[1]).index_add_(0, batch.frame, e_atom)
+
+    def forward(
+        self,
+        batch: Batch,
+        forces: bool = True,
+        stress: bool = False,
+        create_graph: bool = False,
+        heads: Sequence[int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Predict energy (B, H) eV; forces (N, len(heads), 3) eV/Å; stress (B, len(heads), 3, 3) eV/Å³.
+
+        `heads` chooses the heads whose derivatives are taken (default: all).
+        `create_graph=True` when the forces enter a training loss.
+        """
+        positions, cell = batch.positions, batch.cell
+        wrt: list[torch.Tensor] = []
+        if forces or stress:
+            positions = positions.detach().requires_grad_(True)
+            wrt.append(positions)
+        if stress:
+            strain = torch.zeros_like(cell).requires_grad_(True)
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            positions = positions + torch.bmm(positions.unsqueeze(1), sym.index_select(0, batch.frame)).squeeze(1)
+            cell = cell + torch.bmm(cell, sym)
+            wrt.append(strain)
+        energy = self.energies(batch, positions, cell)
+        out = {"energy": energy}
+        if not wrt:
+            return out
+        heads = list(range(energy.shape[1])) if heads is None else list(heads)
+        grads_f, grads_s = [], []
+        for k, h in enumerate(heads):
+            g = torch.autograd.grad(
+                energy[:, h].sum(),
+                wrt,
+                create_graph=create_graph,
+                retain_graph=create_graph or k < len(heads) - 1,
+            )
+            if forces:
+                grads_f.append(-g[0])
+            if stress:
+                grads_s.append(g[-1])
+        if forces:
+            out["forces"] = torch.stack(grads_f, dim=1)
+        if stress:
+            volume = torch.linalg.det(batch.cell).abs().clamp_min(1e-12).reshape(-1, 1, 1, 1)
+            out["stress"] = torch.stack(grads_s, dim=1) / volume
+        return out
+
+    @torch.no_grad()
+    def fit_reference_energies(self, data: PackedData) -> dict[str, list[float]]:
+        """Least-squares per-element energies (eV) per fidelity, each from that fidelity's
+        own energies only; minimum-norm where one composition pins down only a combination.
+        Also sets each head's scale to the RMS of its force components (eV/Å), else the
+        spread of its residual energies per atom. Returns {fidelity: references}."""
+        numbers = data.numbers.numpy()
+        idx = self._species(data.numbers).numpy()
+        frame_of_atom = np.repeat(np.arange(data.n_frames), data.n_atoms)
+        counts = np.zeros((data.n_frames, len(self.species)))
+        np.add.at(counts, (frame_of_atom, idx), 1.0)
+        del numbers
+        result = {}
+        for h, fid in enumerate(self.fidelities):
+            if fid not in data.fidelities:
+                continue
+            col = data.fidelities.index(fid)
+            mask = data.energy_mask[:, col].numpy()
+            if not mask.any():
+                raise DataError(
+                    f"fidelity {fid!r} has no energies in the training data: its reference energies cannot be fitted"
+                )
+            e = data.energy[:, col].numpy()[mask]
+            ref, *_ = np.linalg.lstsq(counts[mask], e, rcond=None)
+            self.atom_ref[:, h] = torch.as_tensor(ref, dtype=self.atom_ref.dtype)
+            fmask = data.forces_mask[:, col].numpy()
+            if fmask.any():
+                fm = np.repeat(fmask, data.n_atoms)
+                scale = float(np.sqrt(np.mean(data.forces[:, col].numpy()[fm] ** 2)))
+            else:
+                resid = (e - counts[mask] @ ref) / data.n_atoms[mask]
+                scale = float(np.std(resid)) if len(resid) > 1 else 1.0
+            self.energy_scale[h] = max(scale, 1e-3)
+            result[fid] = ref.tolist()
+        return result
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,147 @@
+"""The model contract, applied to every architecture (as NequIP's reusable model tests):
+rotation, translation and permutation invariance; forces = −∇E by float64 finite
+differences; energy of a batch = sum of its frames; smooth at the cutoff; stress = strain
+derivative for periodic cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from polyfid.data.batch import PackedData, single_frame_batch
+from polyfid.data.frame import Dataset, Frame, Labels
+from polyfid.models import ARCHITECTURES, build_potential
+
+# small but complete settings for each architecture
+SMALL = {
+    "hipnn": {"n_features": 8, "n_sensitivities": 5, "soft_min": 0.7, "soft_max": 2.5, "cutoff": 3.0,
+              "n_interactions": 2, "n_atom_layers": 1},
+}
+SPECIES = [1, 6, 8]
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES))
+def model(request):
+    assert request.param in SMALL, f"add small settings for {request.param} to the contract test"
+    torch.manual_seed(0)
+    m = build_potential({"architecture": request.param, **SMALL[request.param]}, SPECIES, ["a", "b"])
+    with torch.no_grad():  # non-trivial readout (it starts at zero)
+        m.readout.weight.normal_(0, 0.5)
+        m.atom_ref.normal_(0, 1.0)
+    return m.double()
+
+
+def random_molecule(rng, n=7):
+    numbers = rng.choice(SPECIES, size=n)
+    pos = rng.uniform(0, 2.5, size=(n, 3))
+    return numbers, pos
+
+
+def energy(model, numbers, pos, cell=None, pbc=None):
+    b = single_frame_batch(numbers, pos, model.cutoff, cell, pbc, dtype=torch.float64)
+    return model(b, forces=False)["energy"][0]
+
+
+def random_rotation(rng):
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.linalg.det(q))
+
+
+def test_rotation_translation_invariance(model):
+    rng = np.random.default_rng(1)
+    z, pos = random_molecule(rng)
+    e0 = energy(model, z, pos)
+    rot = random_rotation(rng)
+    e1 = energy(model, z, pos @ rot.T + rng.normal(size=3) * 3.0)
+    torch.testing.assert_close(e0, e1, rtol=1e-10, atol=1e-10)
+
+
+def test_permutation_invariance(model):
+    rng = np.random.default_rng(2)
+    z, pos = random_molecule(rng)
+    perm = rng.permutation(len(z))
+    torch.testing.assert_close(energy(model, z, pos), energy(model, z[perm], pos[perm]), rtol=1e-10, atol=1e-10)
+
+
+def test_forces_are_negative_gradient(model):
+    rng = np.random.default_rng(3)
+    z, pos = random_molecule(rng, n=5)
+    b = single_frame_batch(z, pos, model.cutoff, dtype=torch.float64)
+    forces = model(b, forces=True)["forces"][:, 0].detach().numpy()
+    h = 1e-5
+    fd = np.zeros_like(pos)
+    for a in range(len(z)):
+        for c in range(3):
+            p, m = pos.copy(), pos.copy()
+            p[a, c] += h
+            m[a, c] -= h
+            fd[a, c] = -(energy(model, z, p)[0] - energy(model, z, m)[0]).item() / (2 * h)
+    np.testing.assert_allclose(forces, fd, rtol=1e-5, atol=1e-7)
+    assert np.abs(forces).max() > 1e-3  # the test is not vacuous
+
+
+def test_batch_is_sum_of_frames(model):
+    rng = np.random.default_rng(4)
+    frames = []
+    for n in (3, 6, 4):
+        z, pos = random_molecule(rng, n)
+        frames.append(Frame(z, pos, {"a": Labels(energy=0.0)}))
+    packed = PackedData(Dataset(frames), model.cutoff, ["a"])
+    out = model(packed.batch([0, 1, 2]), forces=True)
+    for k, f in enumerate(frames):
+        b = single_frame_batch(f.numbers, f.positions, model.cutoff, dtype=torch.float64)
+        single = model(b, forces=True)
+        torch.testing.assert_close(out["energy"][k], single["energy"][0])
+        s = packed.atom_ptr[k]
+        torch.testing.assert_close(out["forces"][s : s + f.n_atoms], single["forces"])
+
+
+def test_smooth_at_cutoff(model):
+    # two atoms pulled apart through the cutoff: energy continuous, forces -> 0
+    rc = model.cutoff
+    z = np.array([6, 8])
+    energies, forces = [], []
+    for d in (rc - 1e-4, rc - 1e-6, rc + 1e-6):
+        pos = np.array([[0.0, 0, 0], [d, 0, 0]])
+        b = single_frame_batch(z, pos, rc, dtype=torch.float64)
+        out = model(b, forces=True)
+        energies.append(out["energy"][0, 0].item())
+        forces.append(np.abs(out["forces"].detach().numpy()).max())
+    assert abs(energies[1] - energies[2]) < 1e-8
+    assert forces[1] < 1e-6
+
+
+def test_periodic_stress_is_strain_derivative(model):
+    rng = np.random.default_rng(5)
+    cell = np.diag([3.2, 3.5, 3.9]) + rng.normal(scale=0.1, size=(3, 3))
+    z = rng.choice(SPECIES, size=4)
+    pos = rng.uniform(0, 1, size=(4, 3)) @ cell
+    pbc = np.array([True, True, True])
+    b = single_frame_batch(z, pos, model.cutoff, cell, pbc, dtype=torch.float64)
+    out = model(b, forces=True, stress=True)
+    stress = out["stress"][0, 0].detach().numpy()
+    vol = abs(np.linalg.det(cell))
+    h = 1e-6
+    fd = np.zeros((3, 3))
+    for a in range(3):
+        for c in range(3):
+            eps = np.zeros((3, 3))
+            eps[a, c] = eps[c, a] = h / 2 if a != c else h
+            ep = energy(model, z, pos @ (np.eye(3) + eps), cell @ (np.eye(3) + eps), pbc)[0].item()
+            em = energy(model, z, pos @ (np.eye(3) - eps), cell @ (np.eye(3) - eps), pbc)[0].item()
+            fd[a, c] = (ep - em) / (2 * h) / vol
+    np.testing.assert_allclose(stress, fd, rtol=1e-5, atol=1e-8)
+    # translation of a periodic system by a lattice vector changes nothing
+    e_shift = energy(model, z, pos + cell[0], cell, pbc)
+    torch.testing.assert_close(e_shift, out["energy"][0], rtol=1e-10, atol=1e-10)
+
+
+def test_heads_are_independent(model):
+    rng = np.random.default_rng(6)
+    z, pos = random_molecule(rng)
+    e = energy(model, z, pos)
+    with torch.no_grad():
+        model.readout.weight[1].add_(1.0)
+    e2 = energy(model, z, pos)
+    assert e2[0] == e[0] and e2[1] != e[1]
