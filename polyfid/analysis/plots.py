@@ -1,0 +1,63 @@
+"""Loss curves and parity plots, saved as PNG (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_loss_curves(history: list[dict[str, float]], path: str | Path) -> Path:
+    """Training loss and validation errors against epoch, log scale."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    for key in sorted({k for h in history for k in h}):
+        if key.startswith("train_") and key != "train_steps":
+            axes[0].plot(epochs, [h.get(key, np.nan) for h in history], label=key)
+        if key.startswith("val_") and ("mae" in key and "per_atom" not in key):
+            axes[1].plot(epochs, [h.get(key, np.nan) for h in history], label=key.removeprefix("val_"))
+    axes[0].set(xlabel="epoch", ylabel="loss term (eV², (eV/Å)²)", yscale="log", title="training")
+    axes[1].set(xlabel="epoch", ylabel="MAE (meV, meV/Å)", yscale="log", title="validation")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_parity(metrics: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Predicted vs reference energies per atom and force components, one row per fidelity."""
+    arrays = metrics["_arrays"]
+    fids = [f for f in arrays if arrays[f]]
+    fig, axes = plt.subplots(max(len(fids), 1), 2, figsize=(9, 4 * max(len(fids), 1)), squeeze=False)
+    for row, fid in zip(axes, fids):
+        a, m = arrays[fid], metrics[fid]
+        for ax, kind, unit, mae_key in (
+            (row[0], "energy", "eV/atom", "energy_mae_meV"),
+            (row[1], "forces", "eV/Å", "force_mae_meV_A"),
+        ):
+            if f"{kind}_ref" not in a:
+                ax.set_visible(False)
+                continue
+            ref, pred = a[f"{kind}_ref"], a[f"{kind}_pred"]
+            if kind == "energy":
+                ref, pred = ref - ref.mean(), pred - ref.mean()
+            ax.scatter(ref, pred, s=2, alpha=0.4)
+            lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+            unit_mae = "meV" if kind == "energy" else "meV/Å"
+            ax.set(xlabel=f"reference {kind} ({unit})", ylabel=f"predicted {kind} ({unit})",
+                   title=f"{title} {fid}: MAE {m[mae_key]:.3g} {unit_mae}".strip())
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

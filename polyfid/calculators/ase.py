@@ -1,0 +1,63 @@
+"""ASE calculator for a trained polyfid model (energy, forces, stress; any fidelity head)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+
+from polyfid.data.batch import single_frame_batch
+from polyfid.models import load_model
+from polyfid.models.potential import Potential
+
+
+class PolyfidCalculator(Calculator):
+    """Energy (eV), forces (eV/Å) and, for periodic cells, stress (eV/Å³, ASE's sign and
+    Voigt order) from a polyfid model file or a Potential.
+
+    fidelity: the level of theory to predict (a head of the model; default its first).
+    dtype: "float32" (fast) or "float64".
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(
+        self,
+        model: str | Path | Potential,
+        fidelity: str | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+        if isinstance(model, Potential):
+            self.model = model.to(dtype=torch_dtype, device=device).eval()
+        else:
+            self.model = load_model(model, dtype=torch_dtype, device=device)
+        self.head = self.model.head_index(fidelity)
+        self.fidelity = self.model.fidelities[self.head]
+        self.dtype, self.device = torch_dtype, device
+        for p in self.model.parameters():
+            p.requires_grad_(False)  # only positions need gradients in MD
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        a = self.atoms
+        periodic = bool(a.pbc.any())
+        want_stress = "stress" in properties and periodic
+        batch = single_frame_batch(
+            a.numbers, a.positions, self.model.cutoff, a.cell.array if periodic else None,
+            a.pbc if periodic else None, dtype=self.dtype,
+        )
+        if self.device != "cpu":
+            batch = batch.to(self.device)
+        out = self.model(batch, forces=True, stress=want_stress, heads=[self.head])
+        energy = float(out["energy"][0, self.head])
+        self.results["energy"] = self.results["free_energy"] = energy
+        self.results["forces"] = out["forces"][:, 0].detach().cpu().numpy().astype(np.float64)
+        if want_stress:
+            s = out["stress"][0, 0].detach().cpu().numpy().astype(np.float64)
+            self.results["stress"] = s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]

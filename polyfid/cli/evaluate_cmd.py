@@ -1,0 +1,50 @@
+"""polyfid evaluate MODEL DATA"""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="errors of a model on a labelled data file, per fidelity")
+    p.add_argument("model", help="model file (model.pt of a run)")
+    p.add_argument("data", help="labelled data file or folder")
+    p.add_argument("--format", help="reader name (detected if omitted)")
+    p.add_argument("--fidelity", help="which label set of the data file to read (multi-level files)")
+    p.add_argument("--as", dest="as_fidelity", help="model fidelity the data's labels correspond to")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--parity", help="save a parity plot to this PNG")
+    p.set_defaults(func=run)
+
+
+def format_table(metrics: dict) -> str:
+    rows = [f"{'fidelity':<16}{'frames':>8}{'E MAE meV':>12}{'E RMSE meV':>12}{'F MAE meV/Å':>13}{'F RMSE meV/Å':>14}"]
+    for fid, m in metrics.items():
+        if fid.startswith("_"):
+            continue
+        def g(k):
+            return f"{m[k]:.3f}" if k in m else "-"
+        n = m.get("n_energy", m.get("n_forces", 0))
+        rows.append(f"{fid:<16}{n:>8}{g('energy_mae_meV'):>12}{g('energy_rmse_meV'):>12}"
+                    f"{g('force_mae_meV_A'):>13}{g('force_rmse_meV_A'):>14}")
+    return "\n".join(rows)
+
+
+def run(args) -> int:
+    from polyfid.analysis.metrics import public
+    from polyfid.api import evaluate
+    from polyfid.data.readers import read
+
+    data = read(args.data, format=args.format, fidelity=args.fidelity)
+    mapping = None
+    if args.as_fidelity:
+        if len(data.fidelities) != 1:
+            raise KeyError(f"--as needs one label set in the data; it has {data.fidelities} (choose with --fidelity)")
+        mapping = {data.fidelities[0]: args.as_fidelity}
+    metrics = evaluate(args.model, data, mapping=mapping)
+    print(json.dumps(public(metrics), indent=2) if args.json else format_table(metrics))
+    if args.parity:
+        from polyfid.analysis.plots import plot_parity
+
+        plot_parity(metrics, args.parity, "evaluate")
+    return 0

@@ -1,0 +1,35 @@
+"""`polyfid` command line: one small module per command; the work lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from polyfid.cli import config_cmd, data_cmd, evaluate_cmd, predict_cmd, train_cmd
+
+COMMANDS = [train_cmd, evaluate_cmd, predict_cmd, data_cmd, config_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polyfid", description="Multi-fidelity machine-learning potentials.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from polyfid.data.errors import DataError
+    from polyfid.train.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, ConfigError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"polyfid {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

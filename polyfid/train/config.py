@@ -1,0 +1,258 @@
+"""Training configuration: typed, documented, validated with clear messages.
+
+Every option is a dataclass field with a ``doc``; `polyfid config` prints them all as a
+commented YAML file of defaults. YAML is read with ``yaml.safe_load``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key path and what was expected."""
+
+
+def opt(default: Any, doc: str, **kw: Any) -> Any:
+    """A documented field; a class as default means a fresh instance of it."""
+    if isinstance(default, type):
+        return field(default_factory=default, metadata={"doc": doc}, **kw)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+@dataclass
+class DatasetSpec:
+    """One data file at one level of theory."""
+
+    path: str = opt("", "file or folder to read (any ASE format, .db, .npz, .h5, PYSEQM folder, QM-22 xyz)")
+    format: str | None = opt(None, "reader name (ase, extxyz, ase-db, npz, hdf5, pyseqm, qm22); detected if null")
+    fidelity: str | None = opt(
+        None, "level-of-theory name for this file's labels (single-level files); null keeps the reader's default"
+    )
+    options: dict = opt({}, "reader options, e.g. energy_key, forces_key, energy_unit, force_unit, levels")
+    use: list = opt(["energy", "forces", "stress"], "which labels to use; e.g. [energy] drops forces that exist")
+    select: str | None = opt(None, "frames to take, as a Python slice 'start:stop:step' (null: all)")
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetSpec] = opt([], "training data sets (a list; each a DatasetSpec)")
+    validation: list[DatasetSpec] = opt([], "validation data sets; if empty, split off the training data")
+    test: list[DatasetSpec] = opt([], "test data sets evaluated after training (optional)")
+    val_fraction: float = opt(0.05, "fraction of training frames held out for validation when none is given")
+    val_size: int | None = opt(None, "number of validation frames to hold out (overrides val_fraction)")
+    train_size: int | None = opt(None, "use only this many training frames (after the validation split)")
+    seed: int = opt(0, "seed of the train/validation split")
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = opt("hipnn", "network architecture (hipnn)")
+    n_features: int = opt(128, "features per atom in each interaction block")
+    n_sensitivities: int = opt(20, "number of distance sensitivity functions")
+    soft_min: float = opt(0.85, "Å; centre of the innermost sensitivity")
+    soft_max: float = opt(4.5, "Å; centre of the outermost sensitivity")
+    cutoff: float = opt(5.0, "Å; interaction cutoff (cos² switching to zero)")
+    n_interactions: int = opt(2, "interaction blocks")
+    n_atom_layers: int = opt(3, "on-site layers after each interaction layer")
+    resnet: bool = opt(True, "residual blocks, as in hippynn")
+    activation: Literal["softplus", "silu", "tanh", "gelu"] = opt("softplus", "activation function")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = opt(1000, "maximum number of epochs")
+    max_time_s: float | None = opt(None, "wall-clock training budget in seconds (null: none)")
+    batch_size: int = opt(32, "frames per batch")
+    lr: float = opt(1e-3, "initial learning rate (Adam)")
+    weight_decay: float = opt(0.0, "Adam weight decay")
+    scheduler: Literal["plateau", "cosine", "none"] = opt(
+        "plateau", "plateau: reduce on validation plateau; cosine: decay over max_time_s if set, else over epochs"
+    )
+    plateau_patience: int = opt(10, "evaluations without improvement before the learning rate is reduced")
+    plateau_factor: float = opt(0.5, "factor applied to the learning rate on a plateau")
+    min_lr: float = opt(1e-6, "learning rate floor (plateau) or end value (cosine)")
+    early_stopping_patience: int | None = opt(50, "evaluations without improvement before stopping (null: never)")
+    energy_weight: float = opt(1.0, "weight of MSE(energy per atom), eV²")
+    force_weight: float = opt(100.0, "weight of MSE(force components), (eV/Å)²")
+    stress_weight: float = opt(0.0, "weight of MSE(stress components), (eV/Å³)²")
+    final_energy_weight: float | None = opt(
+        None, "energy weight for the last part of training (e.g. 1000), null: unchanged"
+    )
+    final_fraction: float = opt(0.25, "fraction of the budget (time or epochs) that uses final_energy_weight")
+    grad_clip: float | None = opt(100.0, "clip the gradient norm to this value (null: no clipping)")
+    ema_decay: float | None = opt(0.99, "exponential moving average of weights used for evaluation (null: off)")
+    dtype: Literal["float32", "float64"] = opt("float32", "floating point precision")
+    seed: int = opt(0, "seed of weight initialisation and batch order")
+    num_threads: int | None = opt(None, "torch CPU threads (null: torch's default)")
+    eval_every: int = opt(1, "validate every this many epochs")
+    device: str = opt("cpu", "torch device, e.g. cpu or cuda")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("runs/polyfid", "run folder: checkpoint, model file, logs, plots")
+    tensorboard: bool = opt(True, "write TensorBoard event files")
+    plots: bool = opt(True, "save loss curves and parity plots as PNG")
+    progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class Config:
+    data: DataConfig = opt(DataConfig, "data sets and splits")
+    model: ModelConfig = opt(ModelConfig, "network")
+    training: TrainingConfig = opt(TrainingConfig, "optimisation")
+    output: OutputConfig = opt(OutputConfig, "where results go")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is list or tp is list:
+        if isinstance(value, (str, dict)) and origin is list and is_dataclass(typing.get_args(tp)[0]):
+            value = [value]  # one data set may be given without a list
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_check(v, item, f"{where}[{k}]") for k, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, d: Any, where: str = "config") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if isinstance(d, str) and cls is DatasetSpec:
+        d = {"path": d}
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(names)}")
+        kwargs[key] = _check(value, hints[key], f"{where}.{key}")
+    obj = cls(**kwargs)
+    _validate(obj, where)
+    return obj
+
+
+def _validate(obj: Any, where: str) -> None:
+    if isinstance(obj, DatasetSpec) and not obj.path:
+        raise ConfigError(f"{where}: 'path' is required")
+    if isinstance(obj, TrainingConfig):
+        for key in ("epochs", "batch_size", "eval_every"):
+            if getattr(obj, key) < 1:
+                raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(obj, key)}")
+        if obj.lr <= 0:
+            raise ConfigError(f"{where}.lr: must be positive, got {obj.lr}")
+        if not 0 <= obj.final_fraction <= 1:
+            raise ConfigError(f"{where}.final_fraction: must lie in [0, 1], got {obj.final_fraction}")
+        if obj.ema_decay is not None and not 0 < obj.ema_decay < 1:
+            raise ConfigError(f"{where}.ema_decay: must lie in (0, 1), got {obj.ema_decay}")
+    if isinstance(obj, DataConfig) and not 0 <= obj.val_fraction < 1:
+        raise ConfigError(f"{where}.val_fraction: must lie in [0, 1), got {obj.val_fraction}")
+
+
+def load_config(source: str | Path | dict) -> Config:
+    """Read and validate a configuration from a YAML file or a dict."""
+    if isinstance(source, dict):
+        return from_dict(Config, source)
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"configuration file {path} does not exist")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    try:
+        cfg = from_dict(Config, d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    base = path.parent
+    for spec in cfg.data.train + cfg.data.validation + cfg.data.test:
+        if not Path(spec.path).is_absolute() and not Path(spec.path).exists() and (base / spec.path).exists():
+            spec.path = str(base / spec.path)  # paths relative to the config file
+    return cfg
+
+
+def documented_defaults() -> str:
+    """All options with their defaults and documentation, as commented YAML."""
+    lines: list[str] = ["# polyfid training configuration: every option, its default and meaning"]
+
+    def emit(cls: type, indent: int) -> None:
+        pad = "  " * indent
+        inst = cls()
+        for f in fields(cls):
+            doc = f.metadata.get("doc", "")
+            value = getattr(inst, f.name)
+            if is_dataclass(value):
+                lines.append(f"{pad}{f.name}:  # {doc}")
+                emit(type(value), indent + 1)
+            elif f.name in ("train", "validation", "test"):
+                lines.append(f"{pad}{f.name}: []  # {doc}")
+                if f.name == "train":
+                    lines.append(f"{pad}  # - {{each item:}}")
+                    for g in fields(DatasetSpec):
+                        default = yaml.safe_dump(getattr(DatasetSpec(), g.name), default_flow_style=True).strip()
+                        default = default.removesuffix("\n...").removesuffix("...").strip()
+                        lines.append(f"{pad}  #   {g.name}: {default}  # {g.metadata['doc']}")
+            else:
+                dumped = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+                lines.append(f"{pad}{f.name}: {dumped}  # {doc}")
+
+    emit(Config, 0)
+    return "\n".join(lines) + "\n"

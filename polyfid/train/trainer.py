@@ -1,0 +1,294 @@
+"""The training loop: Adam, schedules (plateau; cosine over epochs or a wall-clock budget),
+early stopping, gradient clipping, EMA, CSV and TensorBoard logs, atomic checkpoints.
+
+Resuming is exact: the batch order of epoch e is a function of (seed, e) only, and each
+epoch's end writes weights, optimiser, EMA and schedule state atomically. A run killed at
+any moment restarts from the last finished epoch and redoes the same steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polyfid.analysis.metrics import error_metrics
+from polyfid.data.batch import PackedData
+from polyfid.models import atomic_write, model_dict
+from polyfid.models.potential import Potential
+from polyfid.train.config import TrainingConfig
+from polyfid.train.ema import EMA
+from polyfid.train.losses import loss_terms, total_loss
+
+CHECKPOINT = "checkpoint.pt"
+BEST_MODEL = "model.pt"
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs."""
+
+    epoch: int = 0  # epochs finished
+    elapsed_s: float = 0.0  # wall-clock seconds of training so far (budget clock)
+    lr: float = 0.0
+    best_val: float = math.inf
+    best_epoch: int = -1
+    plateau_bad: int = 0
+    early_bad: int = 0
+    stopped: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """Frame order of one epoch: a function of (seed, epoch) only, so resuming repeats it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class Trainer:
+    """Trains `model` on `train`, validating on `val`; writes into `out`.
+
+    model_config and metadata go into the model file written for the best validation loss.
+    """
+
+    def __init__(
+        self,
+        model: Potential,
+        train: PackedData,
+        val: PackedData | None,
+        cfg: TrainingConfig,
+        out: str | Path,
+        model_config: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        progress: bool = True,
+        tensorboard: bool = False,
+    ) -> None:
+        self.model, self.train, self.val, self.cfg = model, train, val, cfg
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.model_config, self.metadata = model_config, dict(metadata or {})
+        self.progress, self.tensorboard = progress, tensorboard
+        self.device = torch.device(cfg.device)
+        self.dtype = next(model.parameters()).dtype
+        params = [p for p in model.parameters() if p.requires_grad]
+        try:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        except (RuntimeError, TypeError):  # fused kernels missing for this device/dtype
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+        self.state = TrainState(lr=cfg.lr)
+        self._writer = None
+
+    # ---- schedule ---------------------------------------------------------------------
+    def progress_fraction(self, step_in_epoch: int, steps_per_epoch: int) -> float:
+        """Fraction of the budget used: wall-clock if max_time_s is set, else epochs."""
+        if self.cfg.max_time_s:
+            return min(self.state.elapsed_s / self.cfg.max_time_s, 1.0)
+        return min((self.state.epoch + step_in_epoch / steps_per_epoch) / self.cfg.epochs, 1.0)
+
+    def _lr(self, frac: float) -> float:
+        c = self.cfg
+        if c.scheduler == "cosine":
+            return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + math.cos(math.pi * frac))
+        return self.state.lr
+
+    def _weights(self, frac: float) -> dict[str, float]:
+        c = self.cfg
+        e = c.energy_weight
+        if c.final_energy_weight is not None and frac >= 1.0 - c.final_fraction:
+            e = c.final_energy_weight
+        return {"energy": e, "forces": c.force_weight, "stress": c.stress_weight}
+
+    # ---- one epoch --------------------------------------------------------------------
+    def _needs(self) -> tuple[bool, bool]:
+        forces = self.cfg.force_weight > 0 and bool(self.train.forces_mask.any())
+        stress = self.cfg.stress_weight > 0 and bool(self.train.stress_mask.any())
+        return forces, stress
+
+    def train_epoch(self, t_start: float, elapsed_start: float) -> dict[str, float]:
+        """One pass over the training frames; returns mean loss terms."""
+        self.model.train()
+        order = batch_order(self.train.n_frames, self.cfg.seed, self.state.epoch)
+        bs = self.cfg.batch_size
+        n_steps = math.ceil(len(order) / bs)
+        forces, stress = self._needs()
+        sums: dict[str, float] = {}
+        n_done = 0
+        for k in range(n_steps):
+            self.state.elapsed_s = elapsed_start + (time.perf_counter() - t_start)
+            if self.cfg.max_time_s and self.state.elapsed_s >= self.cfg.max_time_s:
+                break
+            frac = self.progress_fraction(k, n_steps)
+            lr = self._lr(frac)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            batch = self.train.batch(order[k * bs : (k + 1) * bs]).to(self.device)
+            pred = self.model(batch, forces=forces, stress=stress, create_graph=True)
+            terms = loss_terms(pred, batch)
+            loss = total_loss(terms, self._weights(frac))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
+            for key, v in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            n_done += 1
+        self.state.elapsed_s = elapsed_start + (time.perf_counter() - t_start)
+        return {f"train_{k}": v / max(n_done, 1) for k, v in sums.items()} | {"train_steps": n_done}
+
+    # ---- validation -------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """Validation loss (base weights) and errors per fidelity, with EMA weights."""
+        if self.val is None:
+            return {}
+        self.model.eval()
+        with self.ema.applied() if self.ema else contextlib.nullcontext():
+            m = error_metrics(self.model, self.val, batch_size=max(self.cfg.batch_size, 64), device=self.device)
+        out: dict[str, float] = {}
+        loss = 0.0
+        for fid in self.val.fidelities:
+            for key, v in m.get(fid, {}).items():
+                out[f"val_{fid}_{key}"] = v
+            mf = m.get(fid, {})
+            if "energy_rmse_meV_per_atom" in mf:
+                loss += self.cfg.energy_weight * (mf["energy_rmse_meV_per_atom"] * 1e-3) ** 2
+            if "force_rmse_meV_A" in mf and self.cfg.force_weight > 0:
+                loss += self.cfg.force_weight * (mf["force_rmse_meV_A"] * 1e-3) ** 2
+        out["val_loss"] = loss
+        return out
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def checkpoint_dict(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "state": {
+                "epoch": s.epoch,
+                "elapsed_s": s.elapsed_s,
+                "lr": s.lr,
+                "best_val": s.best_val,
+                "best_epoch": s.best_epoch,
+                "plateau_bad": s.plateau_bad,
+                "early_bad": s.early_bad,
+                "stopped": s.stopped,
+                "history": s.history,
+            },
+        }
+
+    def save_checkpoint(self) -> None:
+        atomic_write(self.checkpoint_dict(), self.out / CHECKPOINT)
+
+    def load_checkpoint(self) -> bool:
+        """Restore from out/checkpoint.pt if present; returns whether it was."""
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return False
+        ck = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.ema is not None and ck["ema"] is not None:
+            self.ema.load_state_dict(ck["ema"])
+        st = ck["state"]
+        self.state = TrainState(**{k: st[k] for k in TrainState.__dataclass_fields__})
+        return True
+
+    def save_best_model(self) -> None:
+        with self.ema.applied() if self.ema else contextlib.nullcontext():
+            d = model_dict(self.model, self.model_config, self.metadata | {"epoch": self.state.epoch})
+        atomic_write(d, self.out / BEST_MODEL)
+
+    # ---- logs -------------------------------------------------------------------------
+    def _log(self, row: dict[str, float]) -> None:
+        self.state.history.append(row)
+        keys: list[str] = []
+        for r in self.state.history:
+            keys += [k for k in r if k not in keys]
+        tmp = self.out / "metrics.csv.tmp"
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.state.history)
+        tmp.replace(self.out / "metrics.csv")
+        if self.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=int(row["epoch"]))
+            for k, v in row.items():
+                if k != "epoch":
+                    self._writer.add_scalar(k, v, int(row["epoch"]))
+            self._writer.flush()
+
+    # ---- main loop --------------------------------------------------------------------
+    def _after_validation(self, val: dict[str, float]) -> None:
+        s, c = self.state, self.cfg
+        if not val:
+            return
+        if val["val_loss"] < s.best_val * (1 - 1e-6):
+            s.best_val, s.best_epoch, s.plateau_bad, s.early_bad = val["val_loss"], s.epoch, 0, 0
+            self.save_best_model()
+            return
+        s.plateau_bad += 1
+        s.early_bad += 1
+        if c.scheduler == "plateau" and s.plateau_bad >= c.plateau_patience:
+            s.lr = max(s.lr * c.plateau_factor, c.min_lr)
+            s.plateau_bad = 0
+        if c.early_stopping_patience is not None and s.early_bad >= c.early_stopping_patience:
+            s.stopped = "early stopping"
+
+    def fit(self, resume: bool = False) -> TrainState:
+        """Train until the epoch limit, the time budget or early stopping; returns the state.
+
+        With resume=True, continue from out/checkpoint.pt (if there is one)."""
+        if resume and self.load_checkpoint():
+            print(f"resuming from {self.out / CHECKPOINT} after epoch {self.state.epoch}")
+            if self.state.stopped in ("epoch limit", "time budget"):
+                self.state.stopped = ""  # the limits may have been raised: re-checked below
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.cfg.epochs, initial=self.state.epoch, disable=not self.progress, unit="epoch")
+        try:
+            while not self.state.stopped:
+                if self.state.epoch >= self.cfg.epochs:
+                    self.state.stopped = "epoch limit"
+                    break
+                if self.cfg.max_time_s and self.state.elapsed_s >= self.cfg.max_time_s:
+                    self.state.stopped = "time budget"
+                    break
+                t0, e0 = time.perf_counter(), self.state.elapsed_s
+                row: dict[str, float] = {"epoch": self.state.epoch + 1}
+                row |= self.train_epoch(t0, e0)
+                row["lr"] = self.optimizer.param_groups[0]["lr"]
+                self.state.epoch += 1
+                if self.state.epoch % self.cfg.eval_every == 0 or self.state.epoch == self.cfg.epochs:
+                    val = self.validate()
+                    row |= val
+                    self._after_validation(val)
+                self.state.elapsed_s = e0 + (time.perf_counter() - t0)
+                row["elapsed_s"] = self.state.elapsed_s
+                self._log(row)
+                self.save_checkpoint()
+                bar.update(1)
+                bar.set_postfix({k.removeprefix("val_"): f"{v:.3g}" for k, v in row.items() if "mae" in k})
+        finally:
+            bar.close()
+            if self._writer is not None:
+                self._writer.close()
+        if self.val is None or not (self.out / BEST_MODEL).exists():
+            self.save_best_model()
+        self.save_checkpoint()
+        return self.state
+
+
