@@ -1,0 +1,168 @@
+"""Losses with masks, reference energies, schedules, early stopping and configuration errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config, toy_dataset
+from polyfid.data.batch import PackedData
+from polyfid.data.errors import DataError
+from polyfid.data.frame import Dataset, Frame, Labels
+from polyfid.models import build_potential
+from polyfid.train.config import ConfigError, TrainingConfig, load_config
+from polyfid.train.losses import loss_terms
+from polyfid.train.run import run_training
+from polyfid.train.trainer import Trainer
+
+SMALL = {"n_features": 8, "n_sensitivities": 4, "n_interactions": 1, "n_atom_layers": 1, "cutoff": 3.0}
+
+
+def _frames_with_gaps() -> Dataset:
+    ds = toy_dataset(4)
+    f = ds.frames
+    f[0].labels["hi"] = Labels(energy=f[0].labels["lj"].energy + 3.0)  # energy only
+    f[1].labels["hi"] = Labels(forces=f[1].labels["lj"].forces * 2)  # forces only
+    f[2].labels["lj"].forces = None  # lj energy only; no hi labels at all
+    return ds
+
+
+def test_masked_loss_uses_only_present_labels() -> None:
+    ds = _frames_with_gaps()
+    packed = PackedData(ds, 3.0, ["lj", "hi"])
+    batch = packed.batch([0, 1, 2, 3])
+    pred_e = torch.zeros_like(batch.energy, requires_grad=True)
+    pred_f = torch.zeros_like(batch.forces, requires_grad=True)
+    terms = loss_terms({"energy": pred_e, "forces": pred_f}, batch)
+
+    # by hand: energies per atom present at (0..3, lj) and (0, hi)
+    e_items = [(ds[b].labels["lj"].energy / ds[b].n_atoms) ** 2 for b in range(4)]
+    e_items.append((ds[0].labels["hi"].energy / ds[0].n_atoms) ** 2)
+    assert math.isclose(terms["energy"].item(), np.mean(e_items), rel_tol=1e-10)
+    f_items = [ds[b].labels["lj"].forces.ravel() ** 2 for b in (0, 1, 3)] + [ds[1].labels["hi"].forces.ravel() ** 2]
+    assert math.isclose(terms["forces"].item(), np.concatenate(f_items).mean(), rel_tol=1e-10)
+
+    (terms["energy"] + terms["forces"]).backward()
+    assert pred_e.grad[1:, 1].abs().sum() == 0  # no hi energy on frames 1..3
+    s2 = packed.atom_ptr[2]
+    assert pred_f.grad[s2 : s2 + ds[2].n_atoms].abs().sum() == 0  # frame 2 has no forces at any level
+    assert pred_f.grad[: ds[0].n_atoms, 1].abs().sum() == 0  # frame 0 has no hi forces
+    assert pred_f.grad[: ds[0].n_atoms, 0].abs().sum() > 0
+
+
+def test_batch_without_any_label_of_a_kind_gives_zero_term() -> None:
+    ds = _frames_with_gaps()
+    batch = PackedData(ds, 3.0, ["lj", "hi"]).batch([2])
+    pred = {"energy": torch.zeros_like(batch.energy), "forces": torch.ones_like(batch.forces)}
+    assert loss_terms(pred, batch)["forces"].item() == 0.0
+
+
+def test_reference_energies_per_fidelity_from_own_data() -> None:
+    rng = np.random.default_rng(0)
+    true = {"a": {1: -13.6, 6: -1030.0, 8: -2040.0}, "b": {1: -10.0, 6: -900.0, 8: -2500.0}}
+    frames = []
+    for k in range(30):
+        z = rng.choice([1, 6, 8], size=rng.integers(2, 7))
+        pos = rng.normal(size=(len(z), 3)) * 2
+        fid = "a" if k % 2 else "b"
+        e = sum(true[fid][int(x)] for x in z) + rng.normal(scale=1e-3)
+        frames.append(Frame(z, pos, {fid: Labels(energy=e)}))
+    packed = PackedData(Dataset(frames), 3.0, ["a", "b"])
+    model = build_potential(SMALL, [1, 6, 8], ["a", "b"])
+    refs = model.fit_reference_energies(packed)
+    for fid in "ab":
+        np.testing.assert_allclose(refs[fid], [true[fid][z] for z in (1, 6, 8)], atol=0.01)
+
+
+def test_single_composition_gives_minimum_norm_references() -> None:
+    ds = toy_dataset(10)
+    for f in ds.frames:
+        f.numbers = np.array([1, 1, 6, 8, 8])
+    packed = PackedData(ds, 3.0, ["lj"])
+    model = build_potential(SMALL, [1, 6, 8], ["lj"])
+    ref = np.array(model.fit_reference_energies(packed)["lj"])
+    counts = np.array([2.0, 1.0, 2.0])
+    mean_e = np.mean([f.labels["lj"].energy for f in ds.frames])
+    assert math.isclose(counts @ ref, mean_e, rel_tol=1e-9, abs_tol=1e-9)
+    np.testing.assert_allclose(ref, counts * mean_e / (counts @ counts), rtol=1e-9)  # minimum norm
+
+
+def test_fidelity_without_energies_is_a_clear_error() -> None:
+    ds = toy_dataset(4)
+    for f in ds.frames:
+        f.labels["hi"] = Labels(forces=f.labels["lj"].forces)
+    model = build_potential(SMALL, [1, 6, 8], ["lj", "hi"])
+    with pytest.raises(DataError, match="'hi' has no energies"):
+        model.fit_reference_energies(PackedData(ds, 3.0, ["lj", "hi"]))
+
+
+def _trainer(tmp_path, **cfg) -> Trainer:
+    torch.manual_seed(0)
+    ds = toy_dataset(24)
+    model = build_potential(SMALL, [1, 6, 8], ["lj"])
+    train = PackedData(ds[np.arange(16)], 3.0, ["lj"], dtype=torch.float32)
+    val = PackedData(ds[np.arange(16, 24)], 3.0, ["lj"], dtype=torch.float32)
+    model.fit_reference_energies(train)
+    tc = TrainingConfig(batch_size=4, **cfg)
+    return Trainer(model, train, val, tc, tmp_path, SMALL, progress=False)
+
+
+def test_training_reduces_validation_error(tmp_path) -> None:
+    tr = _trainer(tmp_path, epochs=15, lr=3e-3, ema_decay=None)
+    first = tr.validate()["val_loss"]
+    state = tr.fit()
+    assert state.best_val < 0.5 * first
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "metrics.csv").exists()
+
+
+def test_cosine_schedule_and_final_energy_weight(tmp_path) -> None:
+    tr = _trainer(tmp_path, epochs=10, scheduler="cosine", lr=1e-3, min_lr=1e-5, final_energy_weight=1000.0)
+    assert math.isclose(tr._lr(0.0), 1e-3) and math.isclose(tr._lr(1.0), 1e-5)
+    assert math.isclose(tr._lr(0.5), 0.5 * (1e-3 + 1e-5))
+    assert tr._weights(0.7)["energy"] == 1.0 and tr._weights(0.8)["energy"] == 1000.0
+    tr.fit()
+    lrs = [h["lr"] for h in tr.state.history]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_time_budget_stops_training(tmp_path) -> None:
+    tr = _trainer(tmp_path, epochs=10_000, max_time_s=1.5, scheduler="cosine")
+    state = tr.fit()
+    assert state.stopped == "time budget"
+    assert 1.5 <= state.elapsed_s < 6.0
+
+
+def test_plateau_and_early_stopping(tmp_path) -> None:
+    # lr so small that nothing improves: the plateau cuts it, then early stopping ends the run
+    tr = _trainer(tmp_path, epochs=100, lr=1e-12, min_lr=1e-14, plateau_patience=2, early_stopping_patience=5)
+    state = tr.fit()
+    assert state.stopped == "early stopping"
+    assert state.epoch <= 7
+    assert state.lr < 1e-12
+
+
+def test_float64_training(tmp_path, toy_xyz) -> None:
+    result = run_training(tiny_config(toy_xyz, tmp_path / "run", epochs=2, dtype="float64"))
+    assert next(result.model.parameters()).dtype == torch.float64
+    assert result.val_metrics["lj"]["force_mae_meV_A"] > 0
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"training": {"lr": "fast"}}, "training.lr: expected a number"),
+        ({"training": {"epoch": 3}}, "did you mean 'epochs'"),
+        ({"model": {"architecture": 3}}, "model.architecture: expected a string"),
+        ({"training": {"scheduler": "step"}}, "not one of"),
+        ({"data": {"train": [{"file": "x"}]}}, r"data.train\[0\]: unknown key 'file'"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, toy_xyz, patch, message) -> None:
+    cfg = tiny_config(toy_xyz, tmp_path)
+    for section, values in patch.items():
+        cfg[section] = values if section == "data" else {**cfg[section], **values}
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg)
