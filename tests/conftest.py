@@ -36,9 +36,8 @@ def toy_molecules(n_frames: int, seed: int = 0, n_atoms: int = 5) -> list[Atoms]
 def toy_dataset(n_frames: int, seed: int = 0, fidelity: str = "lj") -> Dataset:
     frames = []
     for k, a in enumerate(toy_molecules(n_frames, seed)):
-        frames.append(
-            Frame(a.numbers, a.positions, {fidelity: Labels(a.get_potential_energy(), a.get_forces())}, source=f"toy:{k}")
-        )
+        labels = {fidelity: Labels(a.get_potential_energy(), a.get_forces())}
+        frames.append(Frame(a.numbers, a.positions, labels, source=f"toy:{k}"))
     return Dataset(frames, name="toy")
 
 

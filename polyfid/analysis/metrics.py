@@ -33,7 +33,9 @@ def predict_packed(
     return result
 
 
-def error_metrics(model: Potential, data: PackedData, batch_size: int = 64, device: str | None = None) -> dict[str, Any]:
+def error_metrics(
+    model: Potential, data: PackedData, batch_size: int = 64, device: str | None = None
+) -> dict[str, Any]:
     """Errors per fidelity on the labelled frames: energy MAE/RMSE (meV, and meV/atom),
     force MAE/RMSE over all Cartesian components (meV/Å), counts; plus the raw arrays
     under "_arrays" for parity plots."""
@@ -58,7 +60,8 @@ def error_metrics(model: Potential, data: PackedData, batch_size: int = 64, devi
                 "energy_rmse_meV_per_atom": 1e3 * float(np.sqrt(np.mean((err / n_atoms[emask]) ** 2))),
                 "n_energy": int(emask.sum()),
             }
-            arrays["energy_ref"], arrays["energy_pred"] = ref / n_atoms[emask], pred["energy"][emask, h] / n_atoms[emask]
+            arrays["energy_ref"] = ref / n_atoms[emask]
+            arrays["energy_pred"] = pred["energy"][emask, h] / n_atoms[emask]
         fmask = data.forces_mask[:, h].numpy()
         if want_forces and fmask.any():
             amask = fmask[atom_frame]

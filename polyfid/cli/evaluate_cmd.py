@@ -22,7 +22,7 @@ def format_table(metrics: dict) -> str:
     for fid, m in metrics.items():
         if fid.startswith("_"):
             continue
-        def g(k):
+        def g(k, m=m):
             return f"{m[k]:.3f}" if k in m else "-"
         n = m.get("n_energy", m.get("n_forces", 0))
         rows.append(f"{fid:<16}{n:>8}{g('energy_mae_meV'):>12}{g('energy_rmse_meV'):>12}"

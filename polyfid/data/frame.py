@@ -64,7 +64,9 @@ class Frame:
         where = self.source or "frame"
         n = self.numbers.shape[0]
         if self.numbers.ndim != 1 or n == 0:
-            raise DataError(f"{where}: expected a non-empty 1-D array of atomic numbers, got shape {self.numbers.shape}")
+            raise DataError(
+                f"{where}: expected a non-empty 1-D array of atomic numbers, got shape {self.numbers.shape}"
+            )
         if np.any(self.numbers < 1) or np.any(self.numbers > 118):
             raise DataError(f"{where}: atomic numbers must lie in 1..118, got {sorted(set(self.numbers.tolist()))}")
         if self.positions.shape != (n, 3):

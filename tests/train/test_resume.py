@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from conftest import tiny_config
 
 EPOCHS = 12

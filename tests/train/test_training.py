@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config, toy_dataset
+
 from polyfid.data.batch import PackedData
 from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
