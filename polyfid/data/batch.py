@@ -28,6 +28,9 @@ class Batch:
     forces (N, F, 3) eV/Å with forces_mask (B, F); stress (B, F, 3, 3) eV/Å³ with stress_mask.
     pair_slot (P,) = pair_i · max_neighbors + rank of the pair among i's pairs: the place of
     each pair in a padded (N, max_neighbors) layout, which turns neighbour sums into bmm.
+    nbr_j (N · max_neighbors,): j of each slot, 0 in empty slots (None: the model builds it).
+    slot_order: the pairs are sorted by slot (so when P = N · max_neighbors, the pairs are
+    the padded layout itself and need no padding).
     """
 
     numbers: torch.Tensor
@@ -47,6 +50,8 @@ class Batch:
     pair_slot: torch.Tensor | None = None
     max_neighbors: int = 0
     periodic: bool = False
+    nbr_j: torch.Tensor | None = None
+    slot_order: bool = False
 
     @property
     def n_frames(self) -> int:
@@ -70,6 +75,19 @@ def neighbor_rank(i: np.ndarray, n_atoms: int) -> tuple[np.ndarray, int]:
     rank = np.empty_like(i)
     rank[order] = np.arange(len(i)) - np.repeat(np.cumsum(counts) - counts, counts)
     return rank, int(counts.max(initial=0))
+
+
+def sorted_pairs(
+    i: np.ndarray, j: np.ndarray, s: np.ndarray, n_atoms: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The pairs sorted by i (stably), with their rank among i's pairs and the largest
+    neighbour count: (i, j, shifts, rank, k_max)."""
+    counts = np.bincount(i, minlength=n_atoms)
+    if len(i) > 1 and not bool(np.all(i[1:] >= i[:-1])):
+        order = np.argsort(i, kind="stable")
+        i, j, s = i[order], j[order], s[order]
+    rank = np.arange(len(i)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return i, j, s, rank, int(counts.max(initial=0))
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -96,8 +114,7 @@ class PackedData:
         n_atoms = np.array([f.n_atoms for f in frames], dtype=np.int64)
         pi, pj, ps, pk, n_pairs, max_nbr = [], [], [], [], [], []
         for f in frames:
-            i, j, s = neighbor_pairs(f.positions, cutoff, f.cell, f.pbc)
-            rank, kmax = neighbor_rank(i, f.n_atoms)
+            i, j, s, rank, kmax = sorted_pairs(*neighbor_pairs(f.positions, cutoff, f.cell, f.pbc), f.n_atoms)
             pk.append(rank)
             max_nbr.append(kmax)
             pi.append(i)
@@ -164,14 +181,19 @@ class PackedData:
         pair_offset = torch.from_numpy(np.repeat(new_start, npairs))
         tidx = torch.from_numpy(idx)
         pair_i = self.pair_i[pairs] + pair_offset
+        pair_j = self.pair_j[pairs] + pair_offset
         kmax = max(int(self.max_neighbors[idx].max()), 1)
+        n = int(na.sum())
+        # pairs are sorted by i within each frame, so by slot in the batch
+        dense = len(pairs) == n * kmax
+        pair_slot = pair_i * kmax + self.pair_rank[pairs]
         return Batch(
             numbers=self.numbers[atoms],
             positions=self.positions[atoms],
             frame=torch.from_numpy(np.repeat(np.arange(len(idx)), na)),
             n_atoms=torch.from_numpy(na),
             pair_i=pair_i,
-            pair_j=self.pair_j[pairs] + pair_offset,
+            pair_j=pair_j,
             shifts=self.shifts[pairs],
             cell=self.cell[tidx],
             energy=self.energy[tidx],
@@ -180,10 +202,28 @@ class PackedData:
             forces_mask=self.forces_mask[tidx],
             stress=self.stress[tidx],
             stress_mask=self.stress_mask[tidx],
-            pair_slot=pair_i * kmax + self.pair_rank[pairs],
+            pair_slot=pair_slot,
             max_neighbors=kmax,
             periodic=self.periodic,
+            nbr_j=pair_j if dense else pair_j.new_zeros(n * kmax).index_copy_(0, pair_slot, pair_j),
+            slot_order=True,
         )
+
+
+_EMPTY: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _empty_labels(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Zero-size label tensors of a one-frame batch (shared: they hold no data)."""
+    e = _EMPTY.get(dtype)
+    if e is None:
+        e = _EMPTY[dtype] = (
+            torch.zeros((1, 0), dtype=dtype),
+            torch.zeros((1, 0), dtype=torch.bool),
+            torch.zeros((1, 0, 3, 3), dtype=dtype),
+        )
+    return e
 
 
 def single_frame_batch(
@@ -195,29 +235,37 @@ def single_frame_batch(
     dtype: torch.dtype = torch.float32,
 ) -> Batch:
     """A label-free Batch of one structure (the MD / calculator path)."""
-    i, j, s = neighbor_pairs(positions, cutoff, cell, pbc)
     n = len(numbers)
-    rank, kmax = neighbor_rank(i, n)
+    i, j, s, rank, kmax = sorted_pairs(*neighbor_pairs(positions, cutoff, cell, pbc), n)
     kmax = max(kmax, 1)
     periodic = pbc is not None and bool(np.any(pbc))
-    empty = torch.zeros((1, 0), dtype=dtype)
-    nomask = torch.zeros((1, 0), dtype=torch.bool)
+    slot = i * kmax + rank
+    if len(i) == n * kmax:  # every atom has kmax neighbours: the pairs are the padded layout
+        nbr = j
+    else:
+        nbr = np.zeros(n * kmax, dtype=np.int64)
+        nbr[slot] = j
+    np_dtype = _NP_DTYPES.get(dtype) or torch.empty((), dtype=dtype).numpy().dtype
+    cell = np.zeros((1, 3, 3), dtype=np_dtype) if cell is None else np.asarray(cell, dtype=np_dtype).reshape(1, 3, 3)
+    empty, nomask, empty_stress = _empty_labels(dtype)
     return Batch(
         numbers=torch.from_numpy(np.asarray(numbers, dtype=np.int64)),
-        positions=torch.tensor(positions, dtype=dtype),
+        positions=torch.from_numpy(np.array(positions, dtype=np_dtype)),
         frame=torch.zeros(n, dtype=torch.int64),
         n_atoms=torch.tensor([n]),
         pair_i=torch.from_numpy(i),
         pair_j=torch.from_numpy(j),
-        shifts=torch.from_numpy(s).to(dtype),
-        cell=torch.tensor(np.zeros((3, 3)) if cell is None else cell, dtype=dtype).reshape(1, 3, 3),
+        shifts=torch.from_numpy(s.astype(np_dtype)),
+        cell=torch.from_numpy(cell),
         energy=empty,
         energy_mask=nomask,
         forces=torch.zeros((n, 0, 3), dtype=dtype),
         forces_mask=nomask,
-        stress=torch.zeros((1, 0, 3, 3), dtype=dtype),
+        stress=empty_stress,
         stress_mask=nomask,
-        pair_slot=torch.from_numpy(i * kmax + rank),
+        pair_slot=torch.from_numpy(slot),
         max_neighbors=kmax,
         periodic=periodic,
+        nbr_j=torch.from_numpy(nbr),
+        slot_order=True,
     )

@@ -13,13 +13,13 @@ from torch import nn
 
 from polyfid.models.layers.geometry import PairGeometry
 from polyfid.models.layers.residual import AtomLinear, Residual, make_activation
-from polyfid.models.layers.sensitivity import InverseSensitivity
+from polyfid.models.layers.sensitivity import CosineCutoff, InverseSensitivity
 
 
 class Interaction(nn.Module):
     """Σ_{ν,b} V^ν_ab Σ_j s_ν(r_ij) z_jb + W z_i + B.
 
-    z: (N, n_in); geometry of the pairs  ->  (N, n_out).
+    z: (N, n_in); geometry of the pairs, 1/r and φ_cut(r) in its padded layout  ->  (N, n_out).
     """
 
     def __init__(self, n_in: int, n_out: int, n_sens: int, soft_min: float, soft_max: float, cutoff: float) -> None:
@@ -28,13 +28,26 @@ class Interaction(nn.Module):
         self.sensitivity = InverseSensitivity(n_sens, soft_min, soft_max, cutoff)
         w = torch.empty(n_sens, n_out, n_in)
         nn.init.xavier_normal_(w)
-        # stored as (n_sens * n_in, n_out) so the environment contraction is one matmul
-        self.weight = nn.Parameter(w.permute(0, 2, 1).reshape(n_sens * n_in, n_out).contiguous())
+        # V^ν_ab stored as [b, ν, a], the order of the environment (N, n_in, n_sens), so
+        # that the contraction over (b, ν) is one matmul with a free view
+        self.weight = nn.Parameter(w.permute(2, 0, 1).contiguous())
         self.self_interaction = AtomLinear(n_in, n_out)
+        self.register_load_state_dict_pre_hook(_weight_from_old_layout)
 
-    def forward(self, z: torch.Tensor, geom: PairGeometry) -> torch.Tensor:
-        env = geom.neighbor_sum(self.sensitivity(geom.r), z)  # (N, n_sens, n_in)
-        return torch.addmm(self.self_interaction(z), env.reshape(z.shape[0], -1), self.weight)
+    def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+        env = geom.neighbor_sum(self.sensitivity(inv_r, cut), z)  # (N, n_in, n_sens)
+        si = self.self_interaction
+        out = torch.addmm(si.bias, z, si.weight.t())
+        return out.addmm_(env.reshape(z.shape[0], -1), self.weight.view(-1, self.n_out))
+
+
+def _weight_from_old_layout(module: Interaction, state_dict: dict, prefix: str, *args) -> None:
+    """Model files written before the weight became (n_in, n_sens, n_out) held it as
+    (n_sens · n_in, n_out), row ν·n_in + b."""
+    w = state_dict.get(prefix + "weight")
+    if w is not None and w.dim() == 2:
+        w = w.view(module.n_sens, module.n_in, module.n_out).transpose(0, 1).contiguous()
+        state_dict[prefix + "weight"] = w
 
 
 class HIPNN(nn.Module):
@@ -62,6 +75,7 @@ class HIPNN(nn.Module):
         self.cutoff = float(cutoff)
         self.resnet = resnet
         self.feature_sizes = [n_species] + [n_features] * n_interactions
+        self.cutoff_fn = CosineCutoff(cutoff)
         act = make_activation(activation)
         self.act = act
         self.blocks = nn.ModuleList()
@@ -75,9 +89,13 @@ class HIPNN(nn.Module):
 
     def forward(self, x: torch.Tensor, geom: PairGeometry) -> list[torch.Tensor]:
         """x: (N, n_species) one-hot; returns the features of each block, [(N, f_0), (N, f_1), ...]."""
+        # 1/r and the cutoff, shared by all interaction layers, in the padded pair layout
+        r = geom.r.unsqueeze(1)
+        pair = geom.pad(torch.cat([r.reciprocal(), self.cutoff_fn(r)], dim=1))
+        inv_r, cut = pair[:, :1], pair[:, 1:]
         out = [x]
         for block in self.blocks:
-            x = block[0](x, geom)
+            x = block[0](x, geom, inv_r, cut)
             if not self.resnet:
                 x = self.act(x)
             for layer in block[1:]:

@@ -35,6 +35,7 @@ class Potential(nn.Module):
         table = torch.full((119,), -1, dtype=torch.long)
         table[torch.tensor(self.species)] = torch.arange(len(self.species))
         self.register_buffer("species_index", table, persistent=False)
+        self.register_buffer("one_hot", torch.eye(len(self.species)), persistent=False)
         n_heads = len(self.fidelities)
         self.readout = nn.Linear(sum(representation.feature_sizes), n_heads)
         nn.init.zeros_(self.readout.weight)
@@ -51,8 +52,8 @@ class Potential(nn.Module):
         return self.fidelities.index(fidelity)
 
     def _species(self, numbers: torch.Tensor) -> torch.Tensor:
-        idx = self.species_index[numbers]
-        if bool((idx < 0).any()):
+        idx = self.species_index.index_select(0, numbers)
+        if idx.numel() and int(idx.min()) < 0:
             unknown = sorted(set(numbers[idx < 0].tolist()))
             raise DataError(f"atomic numbers {unknown} are not among the model's species {self.species}")
         return idx
@@ -61,16 +62,22 @@ class Potential(nn.Module):
         """Energies (B, H) in eV of every frame at every head, from `positions` (N, 3) Å
         and `cell` (B, 3, 3), which may carry autograd graphs."""
         idx = self._species(batch.numbers)
-        x = nn.functional.one_hot(idx, len(self.species)).to(positions.dtype)
+        x = self.one_hot.index_select(0, idx).to(positions.dtype)
         vec = positions.index_select(0, batch.pair_j) - positions.index_select(0, batch.pair_i)
         if batch.periodic:
             pair_cell = cell.index_select(0, batch.frame.index_select(0, batch.pair_i))
             vec = vec + torch.bmm(batch.shifts.unsqueeze(1), pair_cell).squeeze(1)
-        k = batch.max_neighbors
-        nbr_j = batch.pair_j.new_zeros(len(batch.numbers) * k).index_copy_(0, batch.pair_slot, batch.pair_j)
-        geom = PairGeometry(batch.pair_i, batch.pair_j, vec, vec.norm(dim=1), batch.pair_slot, nbr_j, k)
+        k, n = batch.max_neighbors, len(batch.numbers)
+        nbr_j = batch.nbr_j
+        if nbr_j is None:
+            nbr_j = batch.pair_j.new_zeros(n * k).index_copy_(0, batch.pair_slot, batch.pair_j)
+        # pairs sorted by slot and filling every slot are the padded layout already
+        slot = None if batch.slot_order and batch.pair_j.shape[0] == n * k else batch.pair_slot
+        geom = PairGeometry(batch.pair_i, batch.pair_j, vec, vec.norm(dim=1), slot, nbr_j, k)
         feats = self.representation(x, geom)
         e_atom = self.readout(torch.cat(feats, dim=1)) * self.energy_scale + self.atom_ref.index_select(0, idx)
+        if batch.n_frames == 1:
+            return e_atom.sum(0, keepdim=True)
         return e_atom.new_zeros(batch.n_frames, e_atom.shape[1]).index_add_(0, batch.frame, e_atom)
 
     def forward(

@@ -7,25 +7,40 @@ from typing import NamedTuple
 import torch
 
 
-def _blas_ready(t: torch.Tensor) -> torch.Tensor:
-    """t itself if BLAS takes it as is (contiguous, or a transposed contiguous batch)."""
-    if t.is_contiguous() or t.transpose(1, 2).is_contiguous():
-        return t
-    return t.contiguous()
+def _is_col(t: torch.Tensor) -> bool:
+    return t.transpose(1, 2).is_contiguous()
 
 
-class _ContiguousBMM(torch.autograd.Function):
-    """Batched matmul that never hands the CPU kernel a stride-0 (expanded) operand.
+def _fast_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.bmm with operand layouts the CPU BLAS handles fast.
 
-    Autograd's bmm backward passes expanded gradients, for which the CPU kernel falls back
-    to a loop ~10x slower; transposed views are fine and are not copied. The backward is
-    built from this same function, so second derivatives (force training) stay fast.
+    MKL's batched gemm of small matrices is 2-8x slower when the second operand is stored
+    column-major (a transposed view) than when it is row-major, and ~10x slower on
+    expanded (stride-0) operands. Either compute the transposed product, whose operands
+    are then both row-major, or copy the smaller operand.
     """
+    if not b.is_contiguous():
+        if not _is_col(b):
+            b = b.contiguous()
+        elif _is_col(a):  # C = (Bᵀ Aᵀ)ᵀ with row-major Bᵀ, Aᵀ: no copy at all
+            return torch.bmm(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
+        elif b.numel() <= a.numel():
+            b = b.contiguous()
+        else:
+            return torch.bmm(b.transpose(1, 2), a.transpose(1, 2).contiguous()).transpose(1, 2)
+    if not (a.is_contiguous() or _is_col(a)):
+        a = a.contiguous()
+    return torch.bmm(a, b)
+
+
+class _BMM(torch.autograd.Function):
+    """Batched matmul through `_fast_bmm`, twice differentiable: the backward is built
+    from this same function, so second derivatives (force training) stay fast too."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a, b)
-        return torch.bmm(_blas_ready(a), _blas_ready(b))
+        return _fast_bmm(a, b)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -36,37 +51,50 @@ class _ContiguousBMM(torch.autograd.Function):
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, n, k) @ (B, k, m) -> (B, n, m), fast for any strides, twice differentiable."""
-    return _ContiguousBMM.apply(a, b)
+    """(B, n, k) @ (B, k, m) -> (B, n, m), fast for any strides, twice differentiable.
+
+    Small products (a molecule at a time) skip the layout care, whose Python overhead
+    would cost more than it saves."""
+    if a.shape[0] <= _SMALL_BATCH:
+        return torch.bmm(a, b)
+    return _BMM.apply(a, b)
+
+
+_SMALL_BATCH = 64
 
 
 class PairGeometry(NamedTuple):
     """Directed pairs (i, j) of a batch of N atoms.
 
     pair_i, pair_j: (P,); vec: (P, 3) r_j − r_i in Å (with periodic shifts); r: (P,) Å;
-    slot: (P,) place of each pair in the padded (N, K) neighbour layout; nbr_j: (N·K,)
-    j of each slot (0 where padded: pad slots always carry zero weight); K = max_neighbors.
+    slot: (P,) place of each pair in the padded (N, K) neighbour layout, or None when the
+    pairs already are that layout (every atom has K neighbours, pairs in slot order);
+    nbr_j: (N·K,) j of each slot (0 where padded: pad slots always carry zero weight);
+    K = max_neighbors.
     """
 
     pair_i: torch.Tensor
     pair_j: torch.Tensor
     vec: torch.Tensor
     r: torch.Tensor
-    slot: torch.Tensor
+    slot: torch.Tensor | None
     nbr_j: torch.Tensor
     max_neighbors: int
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """Scatter per-pair values (P, ...) into the padded layout (N, K, ...), zeros elsewhere."""
-        n = self.nbr_j.shape[0]
-        out = x.new_zeros((n,) + x.shape[1:]).index_copy(0, self.slot, x)
-        return out.view((n // self.max_neighbors, self.max_neighbors) + x.shape[1:])
+        """Per-pair values (P, ...) in the flat padded layout (N·K, ...), zeros in pad slots."""
+        if self.slot is None:
+            return x
+        return x.new_zeros((self.nbr_j.shape[0],) + x.shape[1:]).index_copy(0, self.slot, x)
 
     def neighbor_sum(self, weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """env[i, ν, b] = Σ_j weights[(i,j), ν] · features[j, b] as one bmm.
+        """env[i, b, ν] = Σ_j features[j, b] · weights[(i,j), ν] as one bmm.
 
-        weights: (P, n_w); features: (N, n_f)  ->  (N, n_w, n_f).
+        weights: (N·K, n_w) in the padded layout (see `pad`); features: (N, n_f)
+        ->  (N, n_f, n_w). This order (features outer, weights inner) keeps the operands of
+        the bmm and of its derivatives in layouts the CPU BLAS is fast with.
         """
-        w = self.pad(weights)  # (N, K, n_w)
-        f = features.index_select(0, self.nbr_j).view(w.shape[0], self.max_neighbors, features.shape[1])
-        return bmm(w.transpose(1, 2), f)
+        k = self.max_neighbors
+        n = self.nbr_j.shape[0] // k
+        f = features.index_select(0, self.nbr_j).view(n, k, features.shape[1])
+        return bmm(f.transpose(1, 2), weights.view(n, k, weights.shape[1]))

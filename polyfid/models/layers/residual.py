@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 ACTIVATIONS = {"softplus": nn.Softplus, "silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -27,8 +28,10 @@ class Residual(nn.Module):
         self.adjust = nn.Linear(n_in, n_out, bias=False) if n_in != n_out else None
 
     def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        y = self.res(self.act(self.base(x, *args)))
-        return y + (x if self.adjust is None else self.adjust(x))
+        h = self.act(self.base(x, *args))
+        skip = x if self.adjust is None else F.linear(x, self.adjust.weight)
+        # (A x + b) + h Wᵀ with the gemm accumulating into the sum: one pass less over y
+        return (skip + self.res.bias).addmm_(h, self.res.weight.t())
 
 
 class AtomLinear(nn.Linear):

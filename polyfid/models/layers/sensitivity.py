@@ -17,14 +17,17 @@ class CosineCutoff(nn.Module):
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         phi = torch.cos((0.5 * math.pi / self.cutoff) * r).square()
-        return torch.where(r < self.cutoff, phi, torch.zeros_like(phi))
+        return torch.where(r < self.cutoff, phi, 0.0)
 
 
 class InverseSensitivity(nn.Module):
     """s_ν(r) = exp(−(1/r − 1/μ_ν)² / (2σ_ν²)) · φ_cut(r), ν = 1..n.
 
     Learned μ (Å) spread evenly in 1/r between `soft_min` and `soft_max`; learned 1/σ
-    (stored as `inv_sigma`, Å, initialised as hippynn does). r: (P,) Å -> (P, n).
+    (stored as `inv_sigma`, Å, initialised as hippynn does).
+
+    The layers of a network share r, so the forward takes 1/r and φ_cut(r), computed once:
+    inv_r (P, 1) Å⁻¹ and cut (P, 1)  ->  (P, n).
     """
 
     def __init__(self, n: int, soft_min: float, soft_max: float, cutoff: float) -> None:
@@ -32,10 +35,12 @@ class InverseSensitivity(nn.Module):
         inv_mu = torch.linspace(1.0 / soft_max, 1.0 / soft_min, n)
         self.inv_mu = nn.Parameter(inv_mu.unsqueeze(0))
         self.inv_sigma = nn.Parameter(torch.full((1, n), 2.0 * n * soft_min))
-        self.cutoff = CosineCutoff(cutoff)
+        self.cutoff = float(cutoff)
 
-    def forward(self, r: torch.Tensor) -> torch.Tensor:
-        arg = 0.5 * ((r.reciprocal().unsqueeze(1) - self.inv_mu) * self.inv_sigma).square()
-        # exact zeros where exp underflows: denormal floats slow CPU matmuls ~10x
-        arg = torch.where(arg < 60.0, arg, torch.full_like(arg, torch.inf))
-        return torch.exp(-arg) * self.cutoff(r).unsqueeze(1)
+    def forward(self, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+        # (1/r − 1/μ)/(√2 σ) as one fused op: √½σ⁻¹ · 1/r − √½σ⁻¹/μ
+        scale = self.inv_sigma * math.sqrt(0.5)
+        d = torch.addcmul(-self.inv_mu * scale, inv_r, scale)
+        # exact zeros where exp underflows (denormal floats slow CPU matmuls ~10x):
+        # exp(−∞) where the exponent is below −60
+        return torch.exp(nn.functional.threshold(d.square().neg_(), -60.0, -math.inf)) * cut
