@@ -19,6 +19,8 @@ class PolyfidCalculator(Calculator):
 
     fidelity: the level of theory to predict (a head of the model; default its first).
     dtype: "float32" (fast) or "float64".
+    compile: compile the model with torch.compile (~25 s at the first call, then about
+    twice as many calls per second for small molecules: worth it for long MD).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
@@ -29,6 +31,7 @@ class PolyfidCalculator(Calculator):
         fidelity: str | None = None,
         dtype: str = "float32",
         device: str = "cpu",
+        compile: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -42,6 +45,7 @@ class PolyfidCalculator(Calculator):
         self.dtype, self.device = torch_dtype, device
         for p in self.model.parameters():
             p.requires_grad_(False)  # only positions need gradients in MD
+        self._predict = self.model.compiled() if compile else self.model
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
@@ -54,8 +58,8 @@ class PolyfidCalculator(Calculator):
         )
         if self.device != "cpu":
             batch = batch.to(self.device)
-        out = self.model(batch, forces=True, stress=want_stress, heads=[self.head])
-        energy = float(out["energy"][0, self.head])
+        out = self._predict(batch, forces=True, stress=want_stress, heads=[self.head])
+        energy = float(out["energy"][0, self.head].detach())
         self.results["energy"] = self.results["free_energy"] = energy
         self.results["forces"] = out["forces"][:, 0].detach().cpu().numpy().astype(np.float64)
         if want_stress:

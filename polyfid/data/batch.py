@@ -24,7 +24,7 @@ class Batch:
 
     numbers (N,) int64; positions (N, 3) Å; frame (N,) frame index of each atom;
     n_atoms (B,); pair_i, pair_j (P,); shifts (P, 3) integer cell shifts (float);
-    cell (B, 3, 3) Å (zeros if open); energy (B, F) eV with energy_mask (B, F);
+    cell (B, 3, 3) Å (zeros if open); energy (B, F) eV, float64, with energy_mask (B, F);
     forces (N, F, 3) eV/Å with forces_mask (B, F); stress (B, F, 3, 3) eV/Å³ with stress_mask.
     pair_slot (P,) = pair_i · max_neighbors + rank of the pair among i's pairs: the place of
     each pair in a padded (N, max_neighbors) layout, which turns neighbour sums into bmm.
@@ -63,7 +63,8 @@ class Batch:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
-                v = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+                cast = dtype is not None and v.is_floating_point() and f.name != "energy"  # energy stays float64
+                v = v.to(device=device, dtype=dtype if cast else None)
             out[f.name] = v
         return Batch(**out)
 
@@ -159,7 +160,7 @@ class PackedData:
                     stress[b, k] = lab.stress
                     s_mask[b, k] = True
         self.cell = torch.from_numpy(cell).to(dtype)
-        self.energy = torch.from_numpy(energy).to(dtype)
+        self.energy = torch.from_numpy(energy)  # float64 always: absolute energies need it
         self.energy_mask = torch.from_numpy(e_mask)
         self.forces = torch.from_numpy(forces).to(dtype)
         self.forces_mask = torch.from_numpy(f_mask)

@@ -34,16 +34,20 @@ def build_potential(model_config: dict[str, Any], species: Sequence[int], fideli
     return Potential(rep, species, fidelities)
 
 
-def atomic_write(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half file."""
+def atomic_write(obj: Any, path: str | Path, durable: bool = True) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half file.
+
+    durable=False skips fsync: still safe against a killed process (the rename is atomic),
+    not against a power cut; training checkpoints use it to keep epochs cheap."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

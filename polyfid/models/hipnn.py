@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from polyfid.models.layers.geometry import PairGeometry
-from polyfid.models.layers.residual import AtomLinear, Residual, make_activation
+from polyfid.models.layers.geometry import PairGeometry, bmm
+from polyfid.models.layers.residual import AtomLinear, Residual, activation_derivative, make_activation
 from polyfid.models.layers.sensitivity import CosineCutoff, InverseSensitivity
 
 
@@ -35,7 +35,10 @@ class Interaction(nn.Module):
         self.register_load_state_dict_pre_hook(_weight_from_old_layout)
 
     def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
-        env = geom.neighbor_sum(self.sensitivity(inv_r, cut), z)  # (N, n_in, n_sens)
+        return self.combine(z, geom.neighbor_sum(self.sensitivity(inv_r, cut), z))
+
+    def combine(self, z: torch.Tensor, env: torch.Tensor) -> torch.Tensor:
+        """W z + B + Σ V env, env (N, n_in, n_sens)."""
         si = self.self_interaction
         out = torch.addmm(si.bias, z, si.weight.t())
         return out.addmm_(env.reshape(z.shape[0], -1), self.weight.view(-1, self.n_out))
@@ -87,12 +90,17 @@ class HIPNN(nn.Module):
                 layers.append(Residual(lin, n_out, n_out, n_out, act) if resnet else lin)
             self.blocks.append(nn.ModuleList(layers))
 
+    def _radial(self, geom: PairGeometry, derivative: bool = False) -> list[torch.Tensor]:
+        """1/r, φ_cut(r) [and φ'_cut(r)], shared by all interaction layers, padded layout (N·K, 1)."""
+        r = geom.r.unsqueeze(1)
+        cols = [r.reciprocal(), self.cutoff_fn(r)]
+        if derivative:
+            cols.append(self.cutoff_fn.derivative(r))
+        return list(geom.pad(torch.cat(cols, dim=1)).split(1, dim=1))
+
     def forward(self, x: torch.Tensor, geom: PairGeometry) -> list[torch.Tensor]:
         """x: (N, n_species) one-hot; returns the features of each block, [(N, f_0), (N, f_1), ...]."""
-        # 1/r and the cutoff, shared by all interaction layers, in the padded pair layout
-        r = geom.r.unsqueeze(1)
-        pair = geom.pad(torch.cat([r.reciprocal(), self.cutoff_fn(r)], dim=1))
-        inv_r, cut = pair[:, :1], pair[:, 1:]
+        inv_r, cut = self._radial(geom)
         out = [x]
         for block in self.blocks:
             x = block[0](x, geom, inv_r, cut)
@@ -102,3 +110,80 @@ class HIPNN(nn.Module):
                 x = layer(x) if self.resnet else self.act(layer(x))
             out.append(x)
         return out
+
+    # ---- explicit forces ----------------------------------------------------------------
+    # The derivative of the energy with respect to the pair vectors, written out layer by
+    # layer with ordinary (differentiable) tensor operations. Inference needs no autograd
+    # graph; training differentiates through it once instead of twice (double backward).
+
+    @property
+    def has_explicit_gradient(self) -> bool:
+        return activation_derivative(self.act, torch.zeros(1)) is not None
+
+    def forward_explicit(self, x: torch.Tensor, geom: PairGeometry) -> tuple[list[torch.Tensor], dict]:
+        """As `forward`, also returning the intermediates `pair_gradient` needs."""
+        inv_r, cut, dcut = self._radial(geom, derivative=True)
+        out, saved = [x], []
+        for block in self.blocks:
+            inter = block[0].base if self.resnet else block[0]
+            parts = inter.sensitivity.parts(inv_r, cut)
+            nbr = geom.neighbor_features(x)
+            a = inter.combine(x, geom.neighbor_sum(parts[0], nbr))
+            h = self.act(a)
+            x = block[0].around(x, h) if self.resnet else h
+            pre = []
+            for layer in block[1:]:
+                lin = layer.base if self.resnet else layer
+                p = torch.nn.functional.linear(x, lin.weight, lin.bias)
+                pre.append(p)
+                h = self.act(p)
+                x = layer.around(x, h) if self.resnet else h
+            saved.append({"nbr": nbr, "parts": parts, "a": a, "pre": pre})
+            out.append(x)
+        return out, {"geom": geom, "radial": (inv_r, cut, dcut), "blocks": saved}
+
+    def pair_gradient(self, cache: dict, feature_grads: list[torch.Tensor]) -> torch.Tensor:
+        """dE/d(pair vector) (P, 3), given dE/d(features of block n) for every block
+        (feature_grads[n]: (N, f_n) or (1, f_n), e.g. readout weights)."""
+        geom: PairGeometry = cache["geom"]
+        inv_r, cut, dcut = cache["radial"]
+        g = feature_grads[-1]
+        g_r = None
+        for n in range(len(self.blocks) - 1, -1, -1):
+            block, saved = self.blocks[n], cache["blocks"][n]
+            for layer, p in zip(reversed(block[1:]), reversed(saved["pre"])):
+                lin = layer.base if self.resnet else layer
+                dact = activation_derivative(self.act, p)
+                if self.resnet:
+                    gx, gp = layer.backward_around(g, dact)
+                    g = torch.addmm(gx, gp, lin.weight)
+                else:
+                    g = (g * dact) @ lin.weight
+            inter = block[0].base if self.resnet else block[0]
+            dact = activation_derivative(self.act, saved["a"])
+            if self.resnet:
+                gz, ga = block[0].backward_around(g, dact)
+            else:
+                gz, ga = None, g * dact
+            n_atoms = ga.shape[0]
+            g_env = (ga @ inter.weight.view(-1, inter.n_out).t()).view(n_atoms, inter.n_in, inter.n_sens)
+            s = saved["parts"][0].view(n_atoms, geom.max_neighbors, inter.n_sens)
+            g_s = bmm(saved["nbr"], g_env)  # (N, K, n_sens)
+            dsdr = inter.sensitivity.radial_derivative(saved["parts"], inv_r, cut, dcut)
+            contrib = (g_s.view_as(dsdr) * dsdr).sum(1)
+            g_r = contrib if g_r is None else g_r + contrib
+            if n == 0:
+                break  # block 0's input is the element one-hot: no gradient needed
+            g_nbr = bmm(s, g_env.transpose(1, 2))  # (N, K, n_in)
+            g_in = ga @ inter.self_interaction.weight
+            if gz is not None:
+                g_in = g_in + gz
+            g_in = g_in.index_add(0, geom.nbr_j, g_nbr.reshape(-1, inter.n_in))
+            g = g_in + feature_grads[n]
+        g_r = geom.unpad(g_r.unsqueeze(1))
+        return g_r * inv_r_pairs(geom) * geom.vec
+
+
+def inv_r_pairs(geom: PairGeometry) -> torch.Tensor:
+    """1/r of the real pairs, (P, 1)."""
+    return geom.r.unsqueeze(1).reciprocal()

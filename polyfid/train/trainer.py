@@ -188,7 +188,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        atomic_write(self.checkpoint_dict(), self.out / CHECKPOINT)
+        atomic_write(self.checkpoint_dict(), self.out / CHECKPOINT, durable=False)
 
     def load_checkpoint(self) -> bool:
         """Restore from out/checkpoint.pt if present; returns whether it was."""

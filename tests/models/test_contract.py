@@ -145,3 +145,30 @@ def test_heads_are_independent(model):
         model.readout.weight[1].add_(1.0)
     e2 = energy(model, z, pos)
     assert e2[0] == e[0] and e2[1] != e[1]
+
+
+def test_explicit_gradient_matches_autograd(model):
+    """Where an architecture writes out dE/d(pair vector), it equals autograd's, and so do
+    the parameter gradients of a force loss (what training differentiates)."""
+    if not model.explicit:
+        pytest.skip(f"{type(model.representation).__name__} uses autograd forces only")
+    rng = np.random.default_rng(7)
+    frames = [Frame(*random_molecule(rng, n), {"a": Labels(energy=0.0)}) for n in (4, 6)]
+    cell = np.diag([3.3, 3.6, 3.9])
+    z = rng.choice(SPECIES, size=4)
+    frames.append(Frame(z, rng.uniform(0, 3, (4, 3)), {"a": Labels(energy=0.0)}, cell=cell, pbc=[True] * 3))
+    batch = PackedData(Dataset(frames), model.cutoff, ["a"]).batch([0, 1, 2])
+    results = {}
+    for explicit in (True, False):
+        model.use_explicit_gradient = explicit
+        model.zero_grad()
+        out = model(batch, forces=True, stress=True, create_graph=True)
+        (out["forces"].square().sum() + out["stress"].square().sum()).backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+        results[explicit] = (out, grads)
+    model.use_explicit_gradient = True
+    (a, ga), (b, gb) = results[True], results[False]
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-11)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)

@@ -87,6 +87,11 @@ class PairGeometry(NamedTuple):
             return x
         return x.new_zeros((self.nbr_j.shape[0],) + x.shape[1:]).index_copy(0, self.slot, x)
 
+    def neighbor_features(self, features: torch.Tensor) -> torch.Tensor:
+        """features (N, n_f) of the neighbour in each slot  ->  (N, K, n_f)."""
+        k = self.max_neighbors
+        return features.index_select(0, self.nbr_j).view(self.nbr_j.shape[0] // k, k, features.shape[1])
+
     def neighbor_sum(self, weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """env[i, b, ν] = Σ_j features[j, b] · weights[(i,j), ν] as one bmm.
 
@@ -94,7 +99,9 @@ class PairGeometry(NamedTuple):
         ->  (N, n_f, n_w). This order (features outer, weights inner) keeps the operands of
         the bmm and of its derivatives in layouts the CPU BLAS is fast with.
         """
-        k = self.max_neighbors
-        n = self.nbr_j.shape[0] // k
-        f = features.index_select(0, self.nbr_j).view(n, k, features.shape[1])
-        return bmm(f.transpose(1, 2), weights.view(n, k, weights.shape[1]))
+        f = features if features.dim() == 3 else self.neighbor_features(features)
+        return bmm(f.transpose(1, 2), weights.view(f.shape[0], f.shape[1], weights.shape[1]))
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `pad`: values of the real pairs (P, ...) from the padded layout."""
+        return x if self.slot is None else x.index_select(0, self.slot)

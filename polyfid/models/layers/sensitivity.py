@@ -19,6 +19,11 @@ class CosineCutoff(nn.Module):
         phi = torch.cos((0.5 * math.pi / self.cutoff) * r).square()
         return torch.where(r < self.cutoff, phi, 0.0)
 
+    def derivative(self, r: torch.Tensor) -> torch.Tensor:
+        """dφ/dr = −(π/2r_c) sin(π r / r_c) inside the cutoff (Å⁻¹)."""
+        a = 0.5 * math.pi / self.cutoff
+        return torch.where(r < self.cutoff, torch.sin((2 * a) * r) * -a, 0.0)
+
 
 class InverseSensitivity(nn.Module):
     """s_ν(r) = exp(−(1/r − 1/μ_ν)² / (2σ_ν²)) · φ_cut(r), ν = 1..n.
@@ -38,9 +43,21 @@ class InverseSensitivity(nn.Module):
         self.cutoff = float(cutoff)
 
     def forward(self, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+        return self.parts(inv_r, cut)[0]
+
+    def parts(self, inv_r: torch.Tensor, cut: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(s, g, d, scale): s = g·φ_cut, g = exp(−d²), d = (1/r − 1/μ)·scale, scale = 1/(√2σ)."""
         # (1/r − 1/μ)/(√2 σ) as one fused op: √½σ⁻¹ · 1/r − √½σ⁻¹/μ
         scale = self.inv_sigma * math.sqrt(0.5)
         d = torch.addcmul(-self.inv_mu * scale, inv_r, scale)
         # exact zeros where exp underflows (denormal floats slow CPU matmuls ~10x):
         # exp(−∞) where the exponent is below −60
-        return torch.exp(nn.functional.threshold(d.square().neg_(), -60.0, -math.inf)) * cut
+        g = torch.exp(nn.functional.threshold(d.square().neg(), -60.0, -math.inf))
+        return g * cut, g, d, scale
+
+    @staticmethod
+    def radial_derivative(parts: tuple[torch.Tensor, ...], inv_r: torch.Tensor, cut: torch.Tensor,
+                          dcut: torch.Tensor) -> torch.Tensor:
+        """ds/dr (P, n) from `parts`: g·(2·d·scale·φ/r² + φ')."""
+        _, g, d, scale = parts
+        return g * torch.addcmul(dcut, d * scale, (2.0 * inv_r.square()) * cut)
