@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from polyfid.cli import config_cmd, data_cmd, evaluate_cmd, predict_cmd, train_cmd
+from polyfid.cli import config_cmd, data_cmd, demo_cmd, evaluate_cmd, predict_cmd, train_cmd
 
-COMMANDS = [train_cmd, evaluate_cmd, predict_cmd, data_cmd, config_cmd]
+COMMANDS = [train_cmd, evaluate_cmd, predict_cmd, data_cmd, config_cmd, demo_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

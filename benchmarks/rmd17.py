@@ -1,0 +1,574 @@
+#!/usr/bin/env python
+"""rMD17 benchmark: polyfid's HIP-NN on revised MD17 (ethanol, aspirin), alone and beside hippynn.
+
+Data (split 01 of revised MD17, PBE/def2-SVP labels): 950 training and 50 validation frames drawn
+with seed 0 from ``rmd17_<molecule>_train_01.npz`` (polyfid's split_indices, as run_training
+does it), test on all 1000 frames of ``rmd17_<molecule>_test_01.npz``. Energy MAE per molecule
+(meV), force MAE over all Cartesian components (meV/Å).
+
+Modes
+  long          polyfid alone, our recipe, a training budget of --budget-s (default 30 min) per
+                molecule on --threads threads (default: all cores). Result key "hipnn".
+  side-by-side  polyfid ("hipnn_8min") and hippynn ("hippynn_hipnn_8min") at the same time as two
+                1-thread processes (2 cores), the PEERS.md recipe and budget (--side-budget-s,
+                default 8 min): loss 1·MSE(E/N) + 100·MSE(F), energy weight 1000 for the last
+                quarter, cosine decay of the learning rate over the wall-clock budget, Adam 1e-3,
+                batch 32, float32, the same HIP-NN (128 features, 20 sensitivities, soft 0.85-4.5 Å,
+                cutoff 5 Å, 2 interaction + 3 atom layers). Both start their clocks together
+                (a file barrier after set-up and hippynn's torch.compile warm-up).
+  all           side-by-side, then long.
+
+Each model runs in its own subprocess (this script with --worker), which writes a JSON fragment
+and its test predictions; the parent merges the fragments into ``<out>/rmd17.json`` (GPU:
+``rmd17_gpu.json``; --quick: ``rmd17_quick.json`` in the work folder) and draws
+``<out>/rmd17_<molecule>_parity.png``. Test evaluation, data loading and hippynn's compile warm-up
+are outside the training time. Both models are evaluated with their weights at the end of the
+budget (polyfid: its EMA weights, no best-validation selection).
+
+  python benchmarks/rmd17.py --mode all                  # the full benchmark (~80 min on 2 cores)
+  python benchmarks/rmd17.py --mode side-by-side --molecules ethanol
+  python benchmarks/rmd17.py --quick                     # a smoke test, both modes and molecules (~5 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import ARCH, FIDELITY, KCAL_MOL_EV, PEERS_RECIPE  # noqa: E402
+
+MOLECULES = ("ethanol", "aspirin")
+N_VAL = 50
+SIDE_BUDGET_S = 480.0
+LONG_BUDGET_S = 1800.0
+QUICK_BUDGET_S = 40.0
+
+#: polyfid in the side-by-side run: the PEERS.md recipe; EMA weights for evaluation (polyfid's
+#: default), no gradient clipping (hippynn has none)
+SIDE_RECIPE_POLYFID = PEERS_RECIPE | {"ema_decay": 0.99, "grad_clip": None}
+#: polyfid's recipe for the long run (override entries with --long-set KEY=VALUE)
+LONG_RECIPE = PEERS_RECIPE | {"ema_decay": 0.99, "grad_clip": 100.0}
+
+#: targets of the issue: (molecule, key, quantity, bound)
+TARGETS = [
+    ("ethanol", "hipnn", "force_mae_meV_A", 20.0),
+    ("ethanol", "hipnn", "energy_mae_meV", 8.0),
+    ("aspirin", "hipnn", "force_mae_meV_A", 50.0),
+]
+
+KEYS = {
+    "long": [("hipnn", "polyfid")],
+    "side-by-side": [("hipnn_8min", "polyfid"), ("hippynn_hipnn_8min", "hippynn")],
+}
+LABELS = {
+    "hipnn": "polyfid HIP-NN (long)",
+    "hipnn_8min": "polyfid HIP-NN (PEERS recipe)",
+    "hippynn_hipnn_8min": "hippynn HIP-NN (PEERS recipe)",
+}
+
+
+# ======================================================================================
+# workers (one model each, in its own process)
+# ======================================================================================
+def _write_outputs(a: argparse.Namespace, result: dict[str, Any], pred: dict[str, np.ndarray]) -> None:
+    result["peak_rss_mb"] = common.peak_rss_mb()
+    arrays = {k: np.asarray(v, dtype=np.float64 if k.startswith("e_") else np.float32) for k, v in pred.items()}
+    np.savez(a.pred, **arrays)
+    Path(a.fragment).write_text(json.dumps(result, indent=2, default=common._json_default))
+
+
+def _errors(e_ref, e_pred, f_ref, f_pred, prefix: str = "") -> dict[str, float]:
+    """MAE/RMSE in meV (per molecule) and meV/Å (all Cartesian components) from eV arrays."""
+    de, df = 1e3 * (np.asarray(e_pred) - np.asarray(e_ref)), 1e3 * (np.asarray(f_pred) - np.asarray(f_ref))
+    return {
+        f"{prefix}energy_mae_meV": float(np.mean(np.abs(de))),
+        f"{prefix}force_mae_meV_A": float(np.mean(np.abs(df))),
+        f"{prefix}energy_rmse_meV": float(np.sqrt(np.mean(de**2))),
+        f"{prefix}force_rmse_meV_A": float(np.sqrt(np.mean(df**2))),
+    }
+
+
+def polyfid_worker(a: argparse.Namespace) -> None:
+    common.set_threads(a.threads)
+    import torch
+
+    import polyfid
+    from polyfid.analysis.metrics import error_metrics
+    from polyfid.data.batch import PackedData
+    from polyfid.data.readers import read
+    from polyfid.train.run import run_training
+
+    train_file, test_file = common.rmd17_files(a.data_dir, a.molecule)
+    recipe = json.loads(a.recipe)
+    run_dir = Path(a.run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = {
+        "data": {
+            "train": [{"path": str(train_file), "format": "npz", "fidelity": FIDELITY}],
+            "val_size": N_VAL,
+            "seed": a.seed,
+        },
+        "model": dict(ARCH),
+        "training": {
+            "epochs": 10**8,  # the wall-clock budget ends training
+            "max_time_s": a.budget_s,
+            "dtype": "float32",
+            "seed": a.seed,
+            "num_threads": a.threads,
+            "device": a.device,
+            # no validation inside the budget: the final (EMA) weights are evaluated, as for hippynn
+            "eval_every": 10**9,
+            "early_stopping_patience": None,
+            **recipe,
+        },
+        "output": {"dir": str(run_dir), "tensorboard": False, "plots": False, "progress": False},
+    }
+    common.barrier(a.barrier, a.name, a.barrier_n)
+    t_start = time.perf_counter()
+    res = run_training(config)
+    wall_s = time.perf_counter() - t_start
+
+    # frames actually trained on, from the per-epoch log (the last epoch may be cut by the budget)
+    n_train = 1000 - N_VAL
+    bs = int(config["training"]["batch_size"])
+    full = math.ceil(n_train / bs)
+    frames = steps = 0
+    with open(run_dir / "metrics.csv") as fh:
+        for row in csv.DictReader(fh):
+            k = int(float(row["train_steps"]))
+            steps += k
+            frames += n_train if k == full else k * bs
+
+    t0 = time.perf_counter()
+    model = res.model
+    test = PackedData(read(test_file, format="npz", fidelity=FIDELITY), model.cutoff, model.fidelities,
+                      dtype=torch.float32)
+    m = error_metrics(model, test, device=a.device)
+    eval_s = time.perf_counter() - t0
+    arr = m["_arrays"][FIDELITY]
+    n_atoms = test.n_atoms.astype(float)
+    pred = {
+        "e_ref": arr["energy_ref"] * n_atoms, "e_pred": arr["energy_pred"] * n_atoms,
+        "f_ref": arr["forces_ref"], "f_pred": arr["forces_pred"],
+    }
+    errs = _errors(**pred)
+    val = res.val_metrics.get(FIDELITY, {})
+    result = {
+        "energy_mae_meV": errs["energy_mae_meV"],
+        "force_mae_meV_A": errs["force_mae_meV_A"],
+        "train_s": res.train_s,
+        "train_cfg_per_s": frames / res.train_s if res.train_s > 0 else float("nan"),
+        "energy_rmse_meV": errs["energy_rmse_meV"],
+        "force_rmse_meV_A": errs["force_rmse_meV_A"],
+        "val_energy_mae_meV": val.get("energy_mae_meV"),
+        "val_force_mae_meV_A": val.get("force_mae_meV_A"),
+        "code": f"polyfid {polyfid.__version__}",
+        "params": model.n_parameters(),
+        "threads": a.threads,
+        "budget_s": a.budget_s,
+        "epochs": res.epochs,
+        "steps": steps,
+        "frames": frames,
+        "stopped": res.stopped,
+        "setup_s": wall_s - res.train_s,
+        "eval_s": eval_s,
+        "weights": "final EMA" if recipe.get("ema_decay") else "final",
+        "recipe": recipe,
+        "n_train": n_train,
+        "n_val": N_VAL,
+        "n_test": test.n_frames,
+        "run_dir": str(run_dir),
+    }
+    _write_outputs(a, result, pred)
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile (dynamo) has compiled so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def hippynn_worker(a: argparse.Namespace) -> None:
+    """hippynn's HIP-NN trained with a manual loop over its GraphModules, its loss nodes, its
+    Database and data loader; units kcal/mol and Å as in PEERS.md (MAEs converted to meV)."""
+    common.set_threads(a.threads)
+    hippynn = common.import_hippynn(a.device)
+    import torch
+    from hippynn.databases import Database
+    from hippynn.graphs import Predictor
+    from hippynn.pretraining import hierarchical_energy_initialization
+
+    recipe = json.loads(a.recipe)
+    device = torch.device(a.device)
+    torch.manual_seed(a.seed)
+    train_file, test_file = common.rmd17_files(a.data_dir, a.molecule)
+    tr, te = common.load_rmd17(train_file), common.load_rmd17(test_file)
+    n_tr, n_te = len(tr["energies"]), len(te["energies"])
+    train_idx, val_idx = common.train_val_split(n_tr, N_VAL, a.seed)
+    n_atoms = len(tr["numbers"])
+    # energies relative to the mean training energy (in float64) before going to float32
+    shift = float(tr["energies"][train_idx].mean())
+    energies = np.concatenate([tr["energies"], te["energies"]])
+    arrays = {
+        "Z": np.tile(tr["numbers"], (n_tr + n_te, 1)),
+        "R": np.concatenate([tr["positions"], te["positions"]]).astype(np.float32),
+        "T": (energies - shift)[:, None].astype(np.float32),
+        "F": np.concatenate([tr["forces"], te["forces"]]).astype(np.float32),
+    }
+    species, positions, henergy, force = common.build_hippynn(sorted(set(tr["numbers"].tolist())))
+    model, loss_module, in_names, tgt_names, _ = common.hippynn_training_graph(henergy, force)
+    db = Database(arrays, inputs=in_names, targets=tgt_names, seed=a.seed, pin_memory=False, quiet=True)
+    db.make_explicit_split("test", torch.arange(n_tr, n_tr + n_te))
+    db.make_explicit_split("valid", torch.as_tensor(val_idx))
+    db.split_the_rest("train")
+    assert len(db.splits["train"]["T"]) == n_tr - N_VAL
+    hierarchical_energy_initialization(henergy, db, trainable_after=False)
+    if device.type != "cpu":
+        db.send_to_device(device)
+    model.to(device)
+    loss_module.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=recipe["lr"])
+    n_in = len(in_names)
+    bs = int(recipe["batch_size"])
+
+    # torch.compile warm-up outside the budget: forward and backward (no optimiser step) on the
+    # batch shapes training meets (full batches, the last partial batch), so that dynamo's
+    # compiles and recompiles do not eat into hippynn's training time
+    t0 = time.perf_counter()
+    split = db.splits["train"]
+    gen = torch.Generator().manual_seed(1234)
+    n_train = len(split["T"])
+    for size in (bs, bs, n_train % bs or bs, bs, n_train % bs or bs, bs):
+        idx = torch.randperm(n_train, generator=gen)[:size].to(split["T"].device)
+        batch = [split[k][idx] for k in in_names + tgt_names]
+        outs = model(*batch[:n_in])
+        le, lf = loss_module(*outs, *batch[n_in:])
+        (le + lf).backward()
+        optimizer.zero_grad(set_to_none=True)
+    warmup_s = time.perf_counter() - t0
+    graphs_before = _compiled_graphs()
+
+    lr0, min_lr = float(recipe["lr"]), float(recipe.get("min_lr", 0.0))
+    w_e, w_f = float(recipe["energy_weight"]), float(recipe["force_weight"])
+    w_e_final, final_fraction = recipe.get("final_energy_weight"), float(recipe.get("final_fraction", 0.25))
+    budget = float(a.budget_s)
+
+    common.barrier(a.barrier, a.name, a.barrier_n)
+    model.train()
+    steps = frames = epochs = 0
+    t_start = time.perf_counter()
+    done = False
+    while not done:
+        for batch in db.make_generator("train", "train", batch_size=bs):
+            elapsed = time.perf_counter() - t_start
+            if elapsed >= budget:
+                done = True
+                break
+            frac = min(elapsed / budget, 1.0)
+            lr = min_lr + 0.5 * (lr0 - min_lr) * (1.0 + math.cos(math.pi * frac))
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            energy_weight = w_e_final if (w_e_final is not None and frac >= 1.0 - final_fraction) else w_e
+            batch = [x.to(device, non_blocking=True) for x in batch]
+            inputs, targets = batch[:n_in], [x.requires_grad_(False) for x in batch[n_in:]]
+            outs = model(*inputs)
+            mse_e, mse_f = loss_module(*outs, *targets)
+            # 1·MSE(E/N) + 100·MSE(F): N is the same for every frame of one molecule
+            loss = energy_weight * mse_e / n_atoms**2 + w_f * mse_f
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            frames += int(inputs[0].shape[0])
+        else:
+            epochs += 1
+    common.synchronize(a.device)
+    train_s = time.perf_counter() - t_start
+    compiles_in_budget = _compiled_graphs() - graphs_before
+
+    # evaluation with the final weights (outside the training time)
+    t0 = time.perf_counter()
+    model.eval()
+    predictor = Predictor([species, positions], [henergy.mol_energy, force], model_device=device)
+
+    def predict(split_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        s = db.splits[split_name]
+        out = predictor(Z=s["Z"], R=s["R"], batch_size=100)
+        e_pred = (out["T"].double().cpu().numpy()[:, 0] + shift) * KCAL_MOL_EV
+        e_ref = (s["T"].double().cpu().numpy()[:, 0] + shift) * KCAL_MOL_EV
+        f_pred = out["F"].double().cpu().numpy() * KCAL_MOL_EV
+        f_ref = s["F"].double().cpu().numpy() * KCAL_MOL_EV
+        return e_ref, e_pred, f_ref, f_pred
+
+    e_ref, e_pred, f_ref, f_pred = predict("test")
+    # reference energies in float64 straight from the file (the float32 targets lose ~0.004 kcal/mol)
+    e_ref = te["energies"] * KCAL_MOL_EV
+    f_ref = te["forces"] * KCAL_MOL_EV
+    pred = {"e_ref": e_ref, "e_pred": e_pred, "f_ref": f_ref.ravel(), "f_pred": f_pred.ravel()}
+    errs = _errors(**pred)
+    val = _errors(*predict("valid"), prefix="val_")
+    eval_s = time.perf_counter() - t0
+    import hippynn.custom_kernels as ck
+
+    result = {
+        "energy_mae_meV": errs["energy_mae_meV"],
+        "force_mae_meV_A": errs["force_mae_meV_A"],
+        "train_s": train_s,
+        "train_cfg_per_s": frames / train_s if train_s > 0 else float("nan"),
+        "energy_rmse_meV": errs["energy_rmse_meV"],
+        "force_rmse_meV_A": errs["force_rmse_meV_A"],
+        "val_energy_mae_meV": val["val_energy_mae_meV"],
+        "val_force_mae_meV_A": val["val_force_mae_meV_A"],
+        "code": f"hippynn {hippynn.__version__}",
+        "params": common.n_params(model),
+        "trainable_params": common.n_params(model, trainable_only=True),
+        "custom_kernels": str(ck.CUSTOM_KERNELS_ACTIVE),
+        "threads": a.threads,
+        "budget_s": a.budget_s,
+        "epochs": epochs,
+        "steps": steps,
+        "frames": frames,
+        "warmup_s": warmup_s,
+        "compiles_in_budget": compiles_in_budget,
+        "eval_s": eval_s,
+        "weights": "final",
+        "recipe": recipe,
+        "units": "trained in kcal/mol and Å; errors converted to meV, meV/Å",
+        "n_train": n_tr - N_VAL,
+        "n_val": N_VAL,
+        "n_test": n_te,
+    }
+    _write_outputs(a, result, pred)
+
+
+# ======================================================================================
+# parent: launch workers, merge, plot, print
+# ======================================================================================
+def _spec(args, work: Path, molecule: str, key: str, worker: str, budget: float, threads: int, recipe: dict,
+          barrier_dir: Path | None, barrier_n: int) -> dict[str, Any]:
+    tag = f"{molecule}_{key}"
+    return {
+        "key": key,
+        "molecule": molecule,
+        "log": work / "logs" / f"{tag}.log",
+        "fragment": work / "fragments" / f"{tag}.json",
+        "pred": work / "predictions" / f"{tag}.npz",
+        "cmd": [
+            sys.executable, str(Path(__file__).resolve()), "--worker", worker,
+            "--molecules", molecule, "--data-dir", str(args.data_dir), "--device", args.device,
+            "--seed", str(args.seed), "--worker-budget-s", str(budget), "--threads", str(threads),
+            "--recipe", json.dumps(recipe), "--name", key,
+            "--fragment", str(work / "fragments" / f"{tag}.json"),
+            "--pred", str(work / "predictions" / f"{tag}.npz"),
+            "--run-dir", str(work / "polyfid_runs" / tag),
+            *(["--barrier", str(barrier_dir), "--barrier-n", str(barrier_n)] if barrier_dir else []),
+        ],
+        "threads": threads,
+    }
+
+
+def run_group(specs: list[dict[str, Any]], parallel: bool) -> dict[str, dict[str, Any]]:
+    """Run worker processes (all at once if parallel); returns {key: result fragment}."""
+    for s in specs:
+        for p in (s["log"], s["fragment"], s["pred"]):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        s["fragment"].unlink(missing_ok=True)
+    batches = [specs] if parallel else [[s] for s in specs]
+    for batch in batches:
+        procs = []
+        for s in batch:
+            print(f"  start {s['molecule']} {s['key']} ({s['threads']} thread(s)); log {s['log']}", flush=True)
+            fh = open(s["log"], "w")
+            procs.append((s, subprocess.Popen(s["cmd"], stdout=fh, stderr=subprocess.STDOUT,
+                                              env=common.thread_env(s["threads"])), fh))
+        failed = None
+        while any(p.poll() is None for _, p, _ in procs):
+            for s, p, _ in procs:
+                if p.poll() not in (None, 0) and failed is None:
+                    failed = s
+                    for _, q, _ in procs:  # the partner would wait at the barrier forever
+                        if q.poll() is None:
+                            q.terminate()
+            time.sleep(0.5)
+        for s, p, fh in procs:
+            fh.close()
+            if p.returncode != 0 or not s["fragment"].exists():
+                tail = "".join(s["log"].read_text().splitlines(keepends=True)[-25:])
+                raise RuntimeError(f"worker {s['molecule']} {s['key']} failed (exit {p.returncode}); "
+                                   f"log {s['log']}:\n{tail}")
+    return {s["key"]: json.loads(s["fragment"].read_text()) for s in specs}
+
+
+def parity(out: Path, stem: str, work: Path, molecule: str, results: dict[str, Any], device: str) -> Path | None:
+    entries = []
+    for key in ("hipnn", "hipnn_8min", "hippynn_hipnn_8min"):
+        f = work / "predictions" / f"{molecule}_{key}.npz"
+        if key in results.get(molecule, {}) and f.exists():
+            with np.load(f) as d:
+                entries.append({"label": LABELS[key], **{k: d[k] for k in ("e_ref", "e_pred", "f_ref", "f_pred")}})
+    if not entries:
+        return None
+    title = f"rMD17 {molecule}: test set (1000 frames), {common.device_name(device)}"
+    return common.plot_parity(out / f"{stem}_{molecule}_parity.png", title, entries)
+
+
+def checks(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's acceptance criteria, evaluated on what the results file holds."""
+    out: dict[str, Any] = {}
+    for mol, key, q, bound in TARGETS:
+        r = results.get(mol, {}).get(key)
+        if r is not None:
+            out[f"{mol}_{key}_{q}<={bound:g}"] = bool(r[q] <= bound)
+    for mol in MOLECULES:
+        r = results.get(mol, {})
+        if "hipnn_8min" in r and "hippynn_hipnn_8min" in r:
+            p, h = r["hipnn_8min"], r["hippynn_hipnn_8min"]
+            out[f"{mol}_8min_polyfid_as_accurate_as_hippynn"] = bool(
+                p["energy_mae_meV"] <= h["energy_mae_meV"] and p["force_mae_meV_A"] <= h["force_mae_meV_A"]
+            )
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--long-set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["long", "side-by-side", "all"], default="all")
+    p.add_argument("--molecules", nargs="+", default=list(MOLECULES), choices=MOLECULES)
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"training budget of the long run per molecule (default {LONG_BUDGET_S:.0f} s)")
+    p.add_argument("--side-budget-s", type=float, default=None,
+                   help=f"training budget of each side-by-side model (default {SIDE_BUDGET_S:.0f} s)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads of the long run (side-by-side runs use 1 thread per process)")
+    p.add_argument("--data-dir", type=Path, default=common.DEFAULT_DATA_DIR)
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; "
+                   "with --quick the work folder)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="run folders, logs and prediction arrays (default benchmarks/runs/rmd17[_gpu][_quick])")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the side-by-side models one after the other (default on a GPU)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke test: {QUICK_BUDGET_S:.0f} s budgets, results in the work folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--long-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training option of the long run's recipe, e.g. --long-set lr=2e-3")
+    # worker (internal)
+    p.add_argument("--worker", choices=["polyfid", "hippynn"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-budget-s", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--recipe", help=argparse.SUPPRESS)
+    p.add_argument("--name", help=argparse.SUPPRESS)
+    p.add_argument("--fragment", help=argparse.SUPPRESS)
+    p.add_argument("--pred", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    p.add_argument("--barrier", help=argparse.SUPPRESS)
+    p.add_argument("--barrier-n", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        args.molecule = args.molecules[0]
+        args.budget_s = args.worker_budget_s
+        (polyfid_worker if args.worker == "polyfid" else hippynn_worker)(args)
+        return 0
+
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device visible to torch")
+    long_budget = args.budget_s or (QUICK_BUDGET_S if args.quick else LONG_BUDGET_S)
+    side_budget = args.side_budget_s or (QUICK_BUDGET_S if args.quick else SIDE_BUDGET_S)
+    stem = common.results_name("rmd17", args.device, args.quick)
+    work = args.work_dir or (common.DEFAULT_WORK / stem)
+    out = args.out or (work if args.quick else common.DEFAULT_OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / f"{stem}.json"
+    parallel = not (args.sequential or args.device.startswith("cuda"))
+    long_recipe = LONG_RECIPE | parse_set(args.long_set)
+    modes = ["side-by-side", "long"] if args.mode == "all" else [args.mode]
+
+    t_all = time.perf_counter()
+    results: dict[str, Any] = {}
+    for mode in modes:
+        for mol in args.molecules:
+            print(f"[{mode}] {mol}: ", end="")
+            if mode == "long":
+                print(f"polyfid, {long_budget:.0f} s budget, {args.threads} thread(s)", flush=True)
+                specs = [_spec(args, work, mol, "hipnn", "polyfid", long_budget, args.threads, long_recipe, None, 1)]
+                frags = run_group(specs, parallel=False)
+            else:
+                print(f"polyfid and hippynn {'side by side' if parallel else 'one after the other'}, "
+                      f"{side_budget:.0f} s budget each, 1 thread each", flush=True)
+                barrier_dir = work / "barriers" / f"{mol}_{os.getpid()}_{time.time_ns()}" if parallel else None
+                specs = [
+                    _spec(args, work, mol, "hipnn_8min", "polyfid", side_budget, 1, SIDE_RECIPE_POLYFID,
+                          barrier_dir, 2),
+                    _spec(args, work, mol, "hippynn_hipnn_8min", "hippynn", side_budget, 1, PEERS_RECIPE,
+                          barrier_dir, 2),
+                ]
+                frags = run_group(specs, parallel=parallel)
+                if barrier_dir is not None:
+                    shutil.rmtree(barrier_dir, ignore_errors=True)
+                for f in frags.values():
+                    f["side_by_side"] = "concurrent 1-thread processes" if parallel else "sequential"
+            results = common.merge_json(results_path, {"device": common.device_name(args.device), mol: frags})
+            png = parity(out, stem, work, mol, results, args.device)
+            for key, f in frags.items():
+                print(f"    {key}: E MAE {f['energy_mae_meV']:.2f} meV, F MAE {f['force_mae_meV_A']:.1f} meV/Å, "
+                      f"{f['train_s']:.0f} s, {f['train_cfg_per_s']:.0f} cfg/s, {f['epochs']} epochs", flush=True)
+            if png:
+                print(f"    parity plot {png}")
+    machine = common.machine_info(args.device)
+    results = common.merge_json(results_path, {"machine": machine, "checks": checks(results),
+                                               "protocol": {"n_train": 1000 - N_VAL, "n_val": N_VAL,
+                                                            "split_seed": args.seed, "n_test": 1000,
+                                                            "side_budget_s": side_budget,
+                                                            "long_budget_s": long_budget,
+                                                            "long_threads": args.threads,
+                                                            "long_recipe": long_recipe,
+                                                            "side_recipe_polyfid": SIDE_RECIPE_POLYFID,
+                                                            "side_recipe_hippynn": PEERS_RECIPE,
+                                                            "quick": args.quick}})
+    print(f"\n{results_path}  (device {results['device']}, {time.perf_counter() - t_all:.0f} s)")
+    rows = []
+    for mol in MOLECULES:
+        for key in ("hipnn", "hipnn_8min", "hippynn_hipnn_8min"):
+            r = results.get(mol, {}).get(key)
+            if r:
+                rows.append([mol, key, r["energy_mae_meV"], r["force_mae_meV_A"], r["train_s"], r["train_cfg_per_s"],
+                             r["threads"], r["epochs"]])
+    common.print_table(["molecule", "model", "E MAE meV", "F MAE meV/Å", "train s", "cfg/s", "threads", "epochs"],
+                       rows)
+    for name, ok in results.get("checks", {}).items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
