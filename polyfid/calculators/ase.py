@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,8 @@ class PolyfidCalculator(Calculator):
     ) -> None:
         super().__init__(**kwargs)
         torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-        if isinstance(model, Potential):
-            self.model = model.to(dtype=torch_dtype, device=device).eval()
+        if isinstance(model, Potential):  # a copy: the caller's model keeps its dtype and gradients
+            self.model = copy.deepcopy(model).to(dtype=torch_dtype, device=device).eval()
         else:
             self.model = load_model(model, dtype=torch_dtype, device=device)
         self.head = self.model.head_index(fidelity)
