@@ -170,7 +170,7 @@ class HIPNN(nn.Module):
             s = saved["parts"][0].view(n_atoms, geom.max_neighbors, inter.n_sens)
             g_s = bmm(saved["nbr"], g_env)  # (N, K, n_sens)
             dsdr = inter.sensitivity.radial_derivative(saved["parts"], inv_r, cut, dcut)
-            contrib = (g_s.view_as(dsdr) * dsdr).sum(1)
+            contrib = (g_s.reshape_as(dsdr) * dsdr).sum(1)
             g_r = contrib if g_r is None else g_r + contrib
             if n == 0:
                 break  # block 0's input is the element one-hot: no gradient needed
@@ -180,10 +180,5 @@ class HIPNN(nn.Module):
                 g_in = g_in + gz
             g_in = g_in.index_add(0, geom.nbr_j, g_nbr.reshape(-1, inter.n_in))
             g = g_in + feature_grads[n]
-        g_r = geom.unpad(g_r.unsqueeze(1))
-        return g_r * inv_r_pairs(geom) * geom.vec
-
-
-def inv_r_pairs(geom: PairGeometry) -> torch.Tensor:
-    """1/r of the real pairs, (P, 1)."""
-    return geom.r.unsqueeze(1).reciprocal()
+        # dE/dvec = dE/dr · vec / r
+        return geom.unpad(g_r.unsqueeze(1)) / geom.r.unsqueeze(1) * geom.vec

@@ -215,12 +215,10 @@ class Potential(nn.Module):
         own energies only; minimum-norm where one composition pins down only a combination.
         Also sets each head's scale to the RMS of its force components (eV/Å), else the
         spread of its residual energies per atom. Returns {fidelity: references}."""
-        numbers = data.numbers.numpy()
         idx = self._species(data.numbers).numpy()
         frame_of_atom = np.repeat(np.arange(data.n_frames), data.n_atoms)
         counts = np.zeros((data.n_frames, len(self.species)))
         np.add.at(counts, (frame_of_atom, idx), 1.0)
-        del numbers
         result = {}
         for h, fid in enumerate(self.fidelities):
             if fid not in data.fidelities:
