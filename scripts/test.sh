@@ -5,7 +5,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check polyfid tests benchmarks
 rc=0
-.venv/bin/pytest -q "$@" || rc=$?
+.venv/bin/pytest "$@" || rc=$?
 if [[ $rc -eq 5 ]]; then
     echo "pytest collected no tests: that is a failure here" >&2
     exit 1
