@@ -28,9 +28,8 @@ class Batch:
     forces (N, F, 3) eV/Å with forces_mask (B, F); stress (B, F, 3, 3) eV/Å³ with stress_mask.
     pair_slot (P,) = pair_i · max_neighbors + rank of the pair among i's pairs: the place of
     each pair in a padded (N, max_neighbors) layout, which turns neighbour sums into bmm.
-    nbr_j (N · max_neighbors,): j of each slot, 0 in empty slots (None: the model builds it).
-    slot_order: the pairs are sorted by slot (so when P = N · max_neighbors, the pairs are
-    the padded layout itself and need no padding).
+    nbr_j (N · max_neighbors,): j of each slot, 0 in empty slots. Pairs are sorted by slot, so
+    when P = N · max_neighbors the pairs are the padded layout itself and need no padding.
     """
 
     numbers: torch.Tensor
@@ -47,11 +46,10 @@ class Batch:
     forces_mask: torch.Tensor
     stress: torch.Tensor
     stress_mask: torch.Tensor
-    pair_slot: torch.Tensor | None = None
-    max_neighbors: int = 0
+    pair_slot: torch.Tensor
+    nbr_j: torch.Tensor
+    max_neighbors: int
     periodic: bool = False
-    nbr_j: torch.Tensor | None = None
-    slot_order: bool = False
 
     @property
     def n_frames(self) -> int:
@@ -67,15 +65,6 @@ class Batch:
                 v = v.to(device=device, dtype=dtype if cast else None)
             out[f.name] = v
         return Batch(**out)
-
-
-def neighbor_rank(i: np.ndarray, n_atoms: int) -> tuple[np.ndarray, int]:
-    """Rank of each pair among the pairs of its first atom, and the largest neighbour count."""
-    counts = np.bincount(i, minlength=n_atoms)
-    order = np.argsort(i, kind="stable")
-    rank = np.empty_like(i)
-    rank[order] = np.arange(len(i)) - np.repeat(np.cumsum(counts) - counts, counts)
-    return rank, int(counts.max(initial=0))
 
 
 def sorted_pairs(
@@ -207,7 +196,6 @@ class PackedData:
             max_neighbors=kmax,
             periodic=self.periodic,
             nbr_j=pair_j if dense else pair_j.new_zeros(n * kmax).index_copy_(0, pair_slot, pair_j),
-            slot_order=True,
         )
 
 
@@ -268,5 +256,4 @@ def single_frame_batch(
         max_neighbors=kmax,
         periodic=periodic,
         nbr_j=torch.from_numpy(nbr),
-        slot_order=True,
     )

@@ -78,12 +78,9 @@ class Potential(nn.Module):
             pair_cell = cell.index_select(0, batch.frame.index_select(0, batch.pair_i))
             vec = vec + torch.bmm(batch.shifts.unsqueeze(1), pair_cell).squeeze(1)
         k, n = batch.max_neighbors, len(batch.numbers)
-        nbr_j = batch.nbr_j
-        if nbr_j is None:
-            nbr_j = batch.pair_j.new_zeros(n * k).index_copy_(0, batch.pair_slot, batch.pair_j)
-        # pairs sorted by slot and filling every slot are the padded layout already
-        slot = None if batch.slot_order and batch.pair_j.shape[0] == n * k else batch.pair_slot
-        return idx, x, PairGeometry(batch.pair_i, batch.pair_j, vec, vec.norm(dim=1), slot, nbr_j, k)
+        # pairs (sorted by slot) that fill every slot are the padded layout already
+        slot = None if batch.pair_j.shape[0] == n * k else batch.pair_slot
+        return idx, x, PairGeometry(batch.pair_i, batch.pair_j, vec, vec.norm(dim=1), slot, batch.nbr_j, k)
 
     def _readout(self, feats: list[torch.Tensor], idx: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Frame energies (B, H) in eV, summed in float64."""
