@@ -25,7 +25,7 @@ def train_model(config: dict | str | Path, resume: bool = False) -> RunResult:
 
 
 def _as_model(model: str | Path | Potential, dtype: torch.dtype = torch.float32) -> Potential:
-    return model if isinstance(model, Potential) else load_model(model, dtype=dtype)
+    return model if isinstance(model, torch.nn.Module) else load_model(model, dtype=dtype)
 
 
 def align_fidelities(data: Dataset, model: Potential, mapping: dict[str, str] | None = None) -> Dataset:

@@ -37,7 +37,7 @@ class PolyfidCalculator(Calculator):
     ) -> None:
         super().__init__(**kwargs)
         torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-        if isinstance(model, Potential):  # a copy: the caller's model keeps its dtype and gradients
+        if isinstance(model, torch.nn.Module):  # a copy: the caller's model keeps its dtype and gradients
             self.model = copy.deepcopy(model).to(dtype=torch_dtype, device=device).eval()
         else:
             self.model = load_model(model, dtype=torch_dtype, device=device)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from polyfid.models.delta import DeltaPotential
+from polyfid.models.embedding import FidelityEmbeddingPotential
 from polyfid.models.hipnn import HIPNN
 from polyfid.models.potential import Potential
 
@@ -25,12 +27,19 @@ UNITS = {"energy": "eV", "forces": "eV/Å", "stress": "eV/Å³", "length": "Å"}
 
 
 def build_potential(model_config: dict[str, Any], species: Sequence[int], fidelities: Sequence[str]) -> Potential:
-    """Build a Potential from {"architecture": NAME, **options} for `species` and `fidelities`."""
+    """Build a Potential from {"architecture": NAME, **options} for `species` and `fidelities`.
+
+    With "fidelity_embedding": D (> 0) in the options, one head for all fidelities and a
+    learned D-dimensional fidelity embedding (FidelityEmbeddingPotential); else one head per
+    fidelity."""
     cfg = dict(model_config)
     name = cfg.pop("architecture", "hipnn")
+    embed = int(cfg.pop("fidelity_embedding", 0) or 0)
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
-    rep = ARCHITECTURES[name](n_species=len(species), **cfg)
+    rep = ARCHITECTURES[name](n_species=len(species) + embed, **cfg)
+    if embed:
+        return FidelityEmbeddingPotential(rep, species, fidelities, embed)
     return Potential(rep, species, fidelities)
 
 
@@ -55,8 +64,26 @@ def atomic_write(obj: Any, path: str | Path, durable: bool = True) -> None:
         raise
 
 
-def model_dict(model: Potential, model_config: dict[str, Any], metadata: dict[str, Any] | None = None) -> dict:
-    """The serialisable description of a model (config, species, fidelities, units, weights)."""
+def model_dict(
+    model: Potential | DeltaPotential, model_config: dict[str, Any], metadata: dict[str, Any] | None = None
+) -> dict:
+    """The serialisable description of a model (config, species, fidelities, units, weights).
+
+    A Δ model holds its two networks' descriptions under "base" and "delta"."""
+    if isinstance(model, DeltaPotential):
+        return {
+            "format": MODEL_FORMAT,
+            "version": 1,
+            "kind": "delta",
+            "target": model.target,
+            "base_fidelity": model.base_fidelity,
+            "species": list(model.species),
+            "fidelities": list(model.fidelities),
+            "units": dict(UNITS),
+            "metadata": dict(metadata or {}),
+            "base": model_dict(model.base, model_config["base"]),
+            "delta": model_dict(model.delta, model_config["delta"]),
+        }
     return {
         "format": MODEL_FORMAT,
         "version": 1,
@@ -74,9 +101,19 @@ def save_model(path: str | Path, model: Potential, model_config: dict[str, Any],
     atomic_write(model_dict(model, model_config, metadata), path)
 
 
-def model_from_dict(d: dict, source: str = "model") -> Potential:
+def model_config_of(d: dict) -> dict[str, Any]:
+    """The model options of a model description (nested for a Δ model)."""
+    if d.get("kind") == "delta":
+        return {"base": model_config_of(d["base"]), "delta": model_config_of(d["delta"])}
+    return dict(d["model_config"])
+
+
+def model_from_dict(d: dict, source: str = "model") -> Potential | DeltaPotential:
     if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
         raise ValueError(f"{source}: not a polyfid model file (format key missing or wrong)")
+    if d.get("kind") == "delta":
+        base, delta = model_from_dict(d["base"], source), model_from_dict(d["delta"], source)
+        return DeltaPotential(base, delta, d["target"], d["base_fidelity"])
     model = build_potential(d["model_config"], d["species"], d["fidelities"])
     model.load_state_dict(d["state_dict"])
     return model
@@ -89,8 +126,22 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         raise FileNotFoundError(f"model file {path} does not exist")
     d = torch.load(path, map_location="cpu", weights_only=True)
     model = model_from_dict(d, str(path)).to(dtype=dtype, device=device)
+    # the level a multi-fidelity model was trained to predict answers when none is named
+    target = d.get("metadata", {}).get("target") if d.get("kind") != "delta" else d["target"]
+    if target in model.fidelities:
+        model.default_fidelity = target
     model.eval()
     return model
 
 
-__all__ = ["ARCHITECTURES", "HIPNN", "Potential", "build_potential", "load_model", "save_model", "atomic_write"]
+__all__ = [
+    "ARCHITECTURES",
+    "HIPNN",
+    "DeltaPotential",
+    "FidelityEmbeddingPotential",
+    "Potential",
+    "atomic_write",
+    "build_potential",
+    "load_model",
+    "save_model",
+]

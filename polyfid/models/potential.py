@@ -45,8 +45,13 @@ class Potential(nn.Module):
         self.register_buffer("energy_scale", torch.ones(n_heads))
         self.use_explicit_gradient = True  # False: forces by autograd (the reference path)
 
+    #: the fidelity predicted when none is named (set from the model file; None: the first)
+    default_fidelity: str | None = None
+
     def head_index(self, fidelity: str | None) -> int:
-        """Index of the head for `fidelity` (None: the only head, or the first)."""
+        """Index of the head for `fidelity` (None: `default_fidelity`, else the first)."""
+        if fidelity is None:
+            fidelity = self.default_fidelity
         if fidelity is None:
             return 0
         if fidelity not in self.fidelities:
@@ -108,10 +113,13 @@ class Potential(nn.Module):
         stress: bool = False,
         create_graph: bool = False,
         heads: Sequence[int] | None = None,
+        energy_heads: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Predict energy (B, H) eV; forces (N, len(heads), 3) eV/Å; stress (B, len(heads), 3, 3) eV/Å³.
 
         `heads` chooses the heads whose derivatives are taken (default: all).
+        `energy_heads`: the heads whose energies are needed (default all); models whose heads
+        cost a pass each (fidelity embedding) may leave the other columns at 0.
         `create_graph=True` when the forces enter a training loss.
         """
         if (forces or stress) and self.explicit:
@@ -188,23 +196,39 @@ class Potential(nn.Module):
             out = {"energy": energy}
             heads = list(range(energy.shape[1])) if heads is None else list(heads)
             sizes = self.representation.feature_sizes
-            n = batch.positions.shape[0]
             grads_f, grads_s = [], []
             for h in heads:
                 w = self.readout.weight[h] * self.energy_scale[h]
                 g_vec = self.representation.pair_gradient(cache, [c.unsqueeze(0) for c in w.split(sizes)])
-                if forces:  # vec = r_j − r_i: F_i = +dE/dvec, F_j = −dE/dvec
-                    f = g_vec.new_zeros(n, 3).index_add(0, batch.pair_i, g_vec)
-                    grads_f.append(f.index_add(0, batch.pair_j, -g_vec))
-                if stress:  # virial: dE/dε = Σ_pairs vec ⊗ dE/dvec
-                    w_pairs = geom.vec.unsqueeze(2) * g_vec.unsqueeze(1)
-                    pair_frame = batch.frame.index_select(0, batch.pair_i)
-                    grads_s.append(w_pairs.new_zeros(batch.n_frames, 3, 3).index_add(0, pair_frame, w_pairs))
+                f, st = self._from_pair_gradient(batch, geom, g_vec, forces, stress)
+                grads_f.append(f)
+                grads_s.append(st)
             if forces:
                 out["forces"] = torch.stack(grads_f, dim=1)
             if stress:
                 out["stress"] = torch.stack(grads_s, dim=1) / self._volume(batch)
         return out
+
+    @staticmethod
+    def _from_pair_gradient(batch: Batch, geom: PairGeometry, g_vec: torch.Tensor, forces: bool, stress: bool):
+        """Forces (N, 3) and virial (B, 3, 3) from dE/dvec (P, 3); None where not asked."""
+        f = st = None
+        if forces:  # vec = r_j − r_i: F_i = +dE/dvec, F_j = −dE/dvec
+            f = g_vec.new_zeros(batch.positions.shape[0], 3).index_add(0, batch.pair_i, g_vec)
+            f = f.index_add(0, batch.pair_j, -g_vec)
+        if stress:  # virial: dE/dε = Σ_pairs vec ⊗ dE/dvec
+            w_pairs = geom.vec.unsqueeze(2) * g_vec.unsqueeze(1)
+            pair_frame = batch.frame.index_select(0, batch.pair_i)
+            st = w_pairs.new_zeros(batch.n_frames, 3, 3).index_add(0, pair_frame, w_pairs)
+        return f, st
+
+    def head_tie_penalty(self, base: int) -> torch.Tensor:
+        """Σ_{h≠base} ‖σ_h w_h − σ_b w_b‖² / σ_b²: how far each head's feature weights are from
+        the base head's (the multi-head ridge that keeps a sparsely labelled level close to the
+        level whose forces shaped the features)."""
+        w = self.readout.weight * self.energy_scale.unsqueeze(1)
+        diff = (w - w[base]) / self.energy_scale[base]
+        return diff.square().sum()
 
     @torch.no_grad()
     def fit_reference_energies(self, data: PackedData) -> dict[str, list[float]]:

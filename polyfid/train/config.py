@@ -89,13 +89,56 @@ class TrainingConfig:
         None, "energy weight for the last part of training (e.g. 1000), null: unchanged"
     )
     final_fraction: float = opt(0.25, "fraction of the budget (time or epochs) that uses final_energy_weight")
+    fidelity_weights: dict = opt(
+        {}, "per-fidelity multipliers of the loss weights, e.g. {mp2: {energy: 10.0, forces: 1.0}}"
+    )
+    sampling: dict = opt(
+        {}, "share of training draws per fidelity, e.g. {mp2: 0.5}: half of each epoch's frames are drawn "
+        "(with replacement) from frames labelled at mp2; unnamed fidelities share the rest by frame count"
+    )
     grad_clip: float | None = opt(100.0, "clip the gradient norm to this value (null: no clipping)")
     ema_decay: float | None = opt(0.99, "exponential moving average of weights used for evaluation (null: off)")
     dtype: Literal["float32", "float64"] = opt("float32", "floating point precision")
     seed: int = opt(0, "seed of weight initialisation and batch order")
     num_threads: int | None = opt(None, "torch CPU threads (null: torch's default)")
     eval_every: int = opt(1, "validate every this many epochs")
+    checkpoint_interval_s: float = opt(
+        0.0, "seconds between checkpoints (0: every epoch); the last epoch is always written. Resuming "
+        "continues from the last checkpoint, so this bounds the work a kill can cost"
+    )
     device: str = opt("cpu", "torch device, e.g. cpu or cuda")
+
+
+@dataclass
+class StrategyConfig:
+    name: Literal["auto", "single", "multi-head", "embedding", "delta", "transfer"] = opt(
+        "auto",
+        "how several levels of theory are combined. single: one fidelity (target); multi-head: one energy "
+        "head and reference energies per fidelity on a shared network; embedding: the fidelity enters as a "
+        "learned embedding, one head; delta: a base model on `base`, then a second model on target − base "
+        "where frames have both; transfer: pre-train on `base`, fine-tune on `target`. auto: single for "
+        "one fidelity, else multi-head",
+    )
+    target: str | None = opt(None, "the fidelity predicted by default (the high level); null: the one with fewest "
+                             "energy labels")
+    base: str | None = opt(None, "the low level for delta and transfer; null: the fidelity with most force labels")
+    head_tie: float = opt(
+        0.0, "multi-head: weight of a ridge penalty on the difference between each head and the base head "
+        "(0: independent heads)"
+    )
+    embedding_dim: int = opt(8, "embedding: size of the learned fidelity embedding")
+    warm_start: bool = opt(
+        False, "multi-head and embedding: first train the base level alone, then start every level from it"
+    )
+    second_stage: dict = opt(
+        {}, "two-stage strategies (delta, transfer, warm-started multi-head/embedding): training options that "
+        "differ after the base stage (e.g. {lr: 3e-4, epochs: 200})"
+    )
+    delta_model: dict = opt({}, "delta: model options that differ for the Δ model (e.g. {n_features: 32})")
+    trainable: Literal["all", "head", "last"] = opt(
+        "all", "transfer: parameters fine-tuned (head: the energy head only; last: the last interaction "
+        "block and the head)"
+    )
 
 
 @dataclass
@@ -111,6 +154,7 @@ class Config:
     data: DataConfig = opt(DataConfig, "data sets and splits")
     model: ModelConfig = opt(ModelConfig, "network")
     training: TrainingConfig = opt(TrainingConfig, "optimisation")
+    strategy: StrategyConfig = opt(StrategyConfig, "multi-fidelity strategy")
     output: OutputConfig = opt(OutputConfig, "where results go")
 
     def to_dict(self) -> dict:
@@ -203,6 +247,23 @@ def _validate(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.final_fraction: must lie in [0, 1], got {obj.final_fraction}")
         if obj.ema_decay is not None and not 0 < obj.ema_decay < 1:
             raise ConfigError(f"{where}.ema_decay: must lie in (0, 1), got {obj.ema_decay}")
+        for fid, w in obj.fidelity_weights.items():
+            if not isinstance(w, dict) or set(w) - {"energy", "forces", "stress"}:
+                raise ConfigError(f"{where}.fidelity_weights.{fid}: expected a mapping with keys among energy, "
+                                  f"forces, stress, got {w!r}")
+            for k, v in w.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                    raise ConfigError(f"{where}.fidelity_weights.{fid}.{k}: expected a number >= 0, got {v!r}")
+        for fid, v in obj.sampling.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ConfigError(f"{where}.sampling.{fid}: expected a share in (0, 1], got {v!r}")
+        if sum(obj.sampling.values()) > 1 + 1e-9:
+            raise ConfigError(f"{where}.sampling: the shares add up to {sum(obj.sampling.values())}, more than 1")
+    if isinstance(obj, StrategyConfig):
+        if obj.head_tie < 0:
+            raise ConfigError(f"{where}.head_tie: must be >= 0, got {obj.head_tie}")
+        if obj.embedding_dim < 1:
+            raise ConfigError(f"{where}.embedding_dim: must be at least 1, got {obj.embedding_dim}")
     if isinstance(obj, DataConfig) and not 0 <= obj.val_fraction < 1:
         raise ConfigError(f"{where}.val_fraction: must lie in [0, 1), got {obj.val_fraction}")
 

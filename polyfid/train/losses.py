@@ -1,34 +1,75 @@
-"""Masked losses: a frame contributes only the terms it has labels for."""
+"""Masked losses: a frame contributes only the terms it has labels for.
+
+Every term is kept per fidelity (the mean over that fidelity's labelled entries in the
+batch), so that each level of theory has its own energy and force weights and a rare level
+is not averaged away by a common one.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from polyfid.data.batch import Batch
 
 
-def masked_mse(err2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `err2` over the entries where `mask` is True (0 if none); shapes broadcast."""
-    mask = mask.to(err2.dtype)
-    return (err2 * mask).sum() / mask.expand_as(err2).sum().clamp_min(1.0)
+def masked_mean(err2: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Mean of `err2` over `dims` where `mask` (broadcastable) is True; 0 where nothing is."""
+    mask = mask.to(err2.dtype).expand_as(err2)
+    return (err2 * mask).sum(dims) / mask.sum(dims).clamp_min(1.0)
 
 
-def loss_terms(pred: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
-    """Per-term MSE averaged over fidelities present in the batch.
+def loss_terms(
+    pred: dict[str, torch.Tensor],
+    batch: Batch,
+    heads: Sequence[int] | None = None,
+    deriv_heads: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-fidelity MSE terms.
 
-    energy: (E_pred − E)/N per frame, eV²; forces: per Cartesian component, (eV/Å)²;
-    stress: per component, (eV/Å³)². Columns of `pred` follow the batch's fidelities.
+    energy: ((E_pred − E)/N)² per frame, eV², one value per column in `heads` (default all);
+    forces: per Cartesian component, (eV/Å)², and stress: per component, (eV/Å³)², one value
+    per column in `deriv_heads` (default `heads`), the columns of pred["forces"]/["stress"].
+    pred["energy"] has every fidelity column. A fidelity without labels of a kind in the
+    batch gets 0 for that term.
     """
+    n_fid = batch.energy.shape[1]
+    heads = list(range(n_fid)) if heads is None else list(heads)
+    deriv_heads = heads if deriv_heads is None else list(deriv_heads)
+    idx = torch.as_tensor(heads, dtype=torch.long, device=batch.energy.device)
     n = batch.n_atoms.to(pred["energy"].dtype).unsqueeze(1)
-    terms = {"energy": masked_mse(((pred["energy"] - batch.energy) / n).square(), batch.energy_mask)}
+    e_err = ((pred["energy"].index_select(1, idx) - batch.energy.index_select(1, idx)) / n).square()
+    terms = {"energy": masked_mean(e_err, batch.energy_mask.index_select(1, idx), (0,))}
+    didx = torch.as_tensor(deriv_heads, dtype=torch.long, device=batch.energy.device)
     if "forces" in pred:
-        atom_mask = batch.forces_mask.index_select(0, batch.frame).unsqueeze(2)  # (N, F, 1)
-        terms["forces"] = masked_mse((pred["forces"] - batch.forces).square(), atom_mask)
+        atom_mask = batch.forces_mask.index_select(1, didx).index_select(0, batch.frame).unsqueeze(2)  # (N, H, 1)
+        f_err = (pred["forces"] - batch.forces.index_select(1, didx)).square()
+        terms["forces"] = masked_mean(f_err, atom_mask, (0, 2))
     if "stress" in pred:
-        terms["stress"] = masked_mse((pred["stress"] - batch.stress).square(), batch.stress_mask[:, :, None, None])
+        s_err = (pred["stress"] - batch.stress.index_select(1, didx)).square()
+        terms["stress"] = masked_mean(s_err, batch.stress_mask.index_select(1, didx)[:, :, None, None], (0, 2, 3))
     return terms
 
 
-def total_loss(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    """Σ_k w_k · term_k over the terms present."""
-    return sum(weights.get(k, 0.0) * v for k, v in terms.items())  # type: ignore[return-value]
+def total_loss(
+    terms: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor | float],
+    heads: Sequence[int] | None = None,
+    deriv_heads: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Σ_k Σ_f w_{k,f} · term_{k,f}.
+
+    A weight is a scalar or a tensor with one value per fidelity column; the columns of the
+    terms are `heads` (energy) and `deriv_heads` (forces, stress), as in `loss_terms`."""
+    total = None
+    for k, v in terms.items():
+        w = weights.get(k, 0.0)
+        if isinstance(w, torch.Tensor) and w.numel() > 1:
+            cols = heads if k == "energy" else (deriv_heads if deriv_heads is not None else heads)
+            if cols is not None:
+                w = w[list(cols)]
+        t = (v * w).sum()
+        total = t if total is None else total + t
+    assert total is not None
+    return total

@@ -5,7 +5,7 @@ test evaluation, plots. `polyfid train` and `polyfid.train_model` both call `run
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,9 @@ from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
 from polyfid.data.readers import read
 from polyfid.data.splits import split_indices
-from polyfid.models import build_potential, load_model
-from polyfid.models.potential import Potential
+from polyfid.models import DeltaPotential, Potential
 from polyfid.train.config import Config, DataConfig, DatasetSpec, load_config
-from polyfid.train.trainer import BEST_MODEL, Trainer
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from polyfid.train.strategies import DTYPES, fit_strategy
 
 
 def _slice(text: str, where: str) -> slice:
@@ -84,15 +81,27 @@ def set_threads(n: int | None) -> None:
 @dataclass
 class RunResult:
     """What a run leaves: the run folder, the trained model (best validation, EMA weights),
-    the final training state and test metrics per fidelity (meV, meV/Å)."""
+    the strategy and target fidelity, the training totals and metrics per fidelity (meV, meV/Å)."""
 
     out: Path
-    model: Potential
+    model: Potential | DeltaPotential
     epochs: int
     train_s: float
     stopped: str
     test_metrics: dict[str, Any]
     val_metrics: dict[str, Any]
+    strategy: str = "single"
+    target: str = ""
+
+
+def _metrics(model: Potential | DeltaPotential, ds: Dataset | None, dtype: torch.dtype, device: str) -> dict:
+    """Errors per fidelity the model has; labels at other fidelities are ignored."""
+    if ds is None or not len(ds) or not set(ds.fidelities) & set(model.fidelities):
+        return {"_arrays": {}}
+    missing = set(ds.elements) - set(model.species)
+    if missing:
+        raise DataError(f"evaluation data contain elements {sorted(missing)} absent from the training data")
+    return error_metrics(model, PackedData(ds, model.cutoff, model.fidelities, dtype=dtype), device=device)
 
 
 def run_training(config: Config | dict | str | Path, resume: bool = False) -> RunResult:
@@ -106,45 +115,23 @@ def run_training(config: Config | dict | str | Path, resume: bool = False) -> Ru
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     train_ds, val_ds, test_ds = build_datasets(cfg.data)
-    fidelities = train_ds.fidelities
-    species = sorted(set(train_ds.elements) | set(val_ds.elements))
-    model_cfg = asdict(cfg.model)
-    torch.manual_seed(tc.seed)
-    model = build_potential(model_cfg, species, fidelities)
-    cutoff = model.cutoff
-    train = PackedData(train_ds, cutoff, fidelities, dtype=dtype)
-    val = PackedData(val_ds, cutoff, fidelities, dtype=dtype) if len(val_ds) else None
-    refs = model.fit_reference_energies(train)
-    model = model.to(dtype=dtype, device=tc.device)
-    metadata = {
-        "reference_energies_eV": {f: dict(zip(species, r)) for f, r in refs.items()},
-        "n_train": len(train_ds),
-        "n_val": len(val_ds),
-    }
-    trainer = Trainer(
-        model, train, val, tc, out, model_cfg, metadata,
-        progress=cfg.output.progress, tensorboard=cfg.output.tensorboard,
-    )
-    state = trainer.fit(resume=resume)
-
-    best = load_model(out / BEST_MODEL, dtype=dtype, device=tc.device)
-    val_metrics = error_metrics(best, val, device=tc.device) if val is not None else {"_arrays": {}}
-    test_metrics: dict[str, Any] = {"_arrays": {}}
-    if len(test_ds):
-        missing = set(test_ds.elements) - set(species)
-        if missing:
-            raise DataError(f"test data contain elements {sorted(missing)} absent from the training data")
-        test = PackedData(test_ds, cutoff, fidelities, dtype=dtype)
-        test_metrics = error_metrics(best, test, device=tc.device)
+    res = fit_strategy(cfg, train_ds, val_ds, out, resume=resume)
+    best = res.model
+    val_metrics = _metrics(best, val_ds, dtype, tc.device)
+    test_metrics = _metrics(best, test_ds, dtype, tc.device)
+    last = list(res.stages.values())[-1]
     summary = {
-        "epochs": state.epoch, "train_s": state.elapsed_s, "stopped": state.stopped,
-        "best_epoch": state.best_epoch, "validation": public(val_metrics), "test": public(test_metrics),
+        "strategy": res.strategy, "target": res.target, "fidelities": list(best.fidelities),
+        "epochs": res.epochs, "train_s": res.train_s, "stopped": last.stopped, "best_epoch": last.best_epoch,
+        "stages": {k: {"epochs": s.epoch, "train_s": s.elapsed_s, "stopped": s.stopped} for k, s in res.stages.items()},
+        "validation": public(val_metrics), "test": public(test_metrics),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     if cfg.output.plots:
-        plot_loss_curves(state.history, out / "loss_curves.png")
+        plot_loss_curves(last.history, out / "loss_curves.png")
         if val_metrics["_arrays"]:
             plot_parity(val_metrics, out / "parity_validation.png", "validation")
         if test_metrics["_arrays"]:
             plot_parity(test_metrics, out / "parity_test.png", "test")
-    return RunResult(out, best, state.epoch, state.elapsed_s, state.stopped, public(test_metrics), public(val_metrics))
+    return RunResult(out, best, res.epochs, res.train_s, last.stopped, public(test_metrics), public(val_metrics),
+                     res.strategy, res.target)

@@ -2,8 +2,9 @@
 early stopping, gradient clipping, EMA, CSV and TensorBoard logs, atomic checkpoints.
 
 Resuming is exact: the batch order of epoch e is a function of (seed, e) only, and each
-epoch's end writes weights, optimiser, EMA and schedule state atomically. A run killed at
-any moment restarts from the last finished epoch and redoes the same steps.
+epoch's end (or, with checkpoint_interval_s, the first epoch end after that many seconds)
+writes weights, optimiser, EMA and schedule state atomically. A run killed at any moment
+restarts from the last checkpoint and redoes the same steps.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import csv
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,15 +48,23 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """Frame order of one epoch: a function of (seed, epoch) only, so resuming repeats it."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def batch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Frame order of one epoch: a function of (seed, epoch) only, so resuming repeats it.
+
+    With `weights` (n,), n frames are drawn with replacement in proportion to them (the
+    sampling ratio between data sets); without, a permutation."""
+    rng = np.random.default_rng([seed, epoch])
+    if weights is None:
+        return rng.permutation(n)
+    return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
 
 
 class Trainer:
     """Trains `model` on `train`, validating on `val`; writes into `out`.
 
     model_config and metadata go into the model file written for the best validation loss.
+    frame_weights (n_train,): sampling weights of the training frames (None: uniform);
+    regularizer: a function of no arguments returning a scalar added to every step's loss.
     """
 
     def __init__(
@@ -68,8 +78,13 @@ class Trainer:
         metadata: dict[str, Any] | None = None,
         progress: bool = True,
         tensorboard: bool = False,
+        frame_weights: np.ndarray | None = None,
+        regularizer: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         self.model, self.train, self.val, self.cfg = model, train, val, cfg
+        self.frame_weights, self.regularizer = frame_weights, regularizer
+        if frame_weights is not None and len(frame_weights) != train.n_frames:
+            raise ValueError(f"{len(frame_weights)} sampling weights for {train.n_frames} training frames")
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.model_config, self.metadata = model_config, dict(metadata or {})
@@ -84,6 +99,7 @@ class Trainer:
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
         self.state = TrainState(lr=cfg.lr)
         self._writer = None
+        self._last_checkpoint = -float("inf")
 
     # ---- schedule ---------------------------------------------------------------------
     def progress_fraction(self, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -98,12 +114,19 @@ class Trainer:
             return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + math.cos(math.pi * frac))
         return self.state.lr
 
-    def _weights(self, frac: float) -> dict[str, float]:
+    def _weights(self, frac: float, fidelities: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Loss weights per term, one per fidelity column (of the training data by default)."""
         c = self.cfg
+        fidelities = self.train.fidelities if fidelities is None else fidelities
         e = c.energy_weight
         if c.final_energy_weight is not None and frac >= 1.0 - c.final_fraction:
             e = c.final_energy_weight
-        return {"energy": e, "forces": c.force_weight, "stress": c.stress_weight}
+        base = {"energy": e, "forces": c.force_weight, "stress": c.stress_weight}
+        out = {}
+        for key, w in base.items():
+            per = [w * float(c.fidelity_weights.get(f, {}).get(key, 1.0)) for f in fidelities]
+            out[key] = torch.tensor(per, dtype=torch.float64 if key == "energy" else self.dtype, device=self.device)
+        return out
 
     # ---- one epoch --------------------------------------------------------------------
     def _needs(self) -> tuple[bool, bool]:
@@ -114,7 +137,7 @@ class Trainer:
     def train_epoch(self, t_start: float, elapsed_start: float) -> dict[str, float]:
         """One pass over the training frames; returns mean loss terms."""
         self.model.train()
-        order = batch_order(self.train.n_frames, self.cfg.seed, self.state.epoch)
+        order = batch_order(self.train.n_frames, self.cfg.seed, self.state.epoch, self.frame_weights)
         bs = self.cfg.batch_size
         n_steps = math.ceil(len(order) / bs)
         forces, stress = self._needs()
@@ -129,9 +152,17 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             batch = self.train.batch(order[k * bs : (k + 1) * bs]).to(self.device)
-            pred = self.model(batch, forces=forces, stress=stress, create_graph=True)
-            terms = loss_terms(pred, batch)
-            loss = total_loss(terms, self._weights(frac))
+            # columns with labels in this batch; derivatives only where forces/stress are labelled
+            labelled = batch.energy_mask.any(0) | batch.forces_mask.any(0) | batch.stress_mask.any(0)
+            heads = labelled.nonzero().flatten().tolist()
+            dheads = (batch.forces_mask.any(0) | batch.stress_mask.any(0)).nonzero().flatten().tolist()
+            deriv = bool(dheads) and (forces or stress)
+            pred = self.model(batch, forces=forces and deriv, stress=stress and deriv, create_graph=True,
+                              heads=dheads if deriv else None, energy_heads=heads)
+            terms = loss_terms(pred, batch, heads, dheads if deriv else None)
+            loss = total_loss(terms, self._weights(frac), heads, dheads if deriv else None)
+            if self.regularizer is not None:
+                loss = loss + self.regularizer()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.grad_clip:
@@ -139,8 +170,14 @@ class Trainer:
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()
+            fids = self.train.fidelities
             for key, v in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(v.detach())
+                v = v.detach()
+                sums[key] = sums.get(key, 0.0) + float(v.sum())
+                if len(fids) > 1:  # each level's own term too
+                    cols = heads if key == "energy" else dheads
+                    for c, x in zip(cols, v.tolist()):
+                        sums[f"{key}_{fids[c]}"] = sums.get(f"{key}_{fids[c]}", 0.0) + x
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             n_done += 1
         self.state.elapsed_s = elapsed_start + (time.perf_counter() - t_start)
@@ -160,10 +197,11 @@ class Trainer:
             for key, v in m.get(fid, {}).items():
                 out[f"val_{fid}_{key}"] = v
             mf = m.get(fid, {})
+            fw = self.cfg.fidelity_weights.get(fid, {})
             if "energy_rmse_meV_per_atom" in mf:
-                loss += self.cfg.energy_weight * (mf["energy_rmse_meV_per_atom"] * 1e-3) ** 2
+                loss += self.cfg.energy_weight * fw.get("energy", 1.0) * (mf["energy_rmse_meV_per_atom"] * 1e-3) ** 2
             if "force_rmse_meV_A" in mf and self.cfg.force_weight > 0:
-                loss += self.cfg.force_weight * (mf["force_rmse_meV_A"] * 1e-3) ** 2
+                loss += self.cfg.force_weight * fw.get("forces", 1.0) * (mf["force_rmse_meV_A"] * 1e-3) ** 2
         out["val_loss"] = loss
         return out
 
@@ -188,7 +226,9 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        self._flush_logs()
         atomic_write(self.checkpoint_dict(), self.out / CHECKPOINT, durable=False)
+        self._last_checkpoint = time.perf_counter()
 
     def load_checkpoint(self) -> bool:
         """Restore from out/checkpoint.pt if present; returns whether it was."""
@@ -212,6 +252,17 @@ class Trainer:
     # ---- logs -------------------------------------------------------------------------
     def _log(self, row: dict[str, float]) -> None:
         self.state.history.append(row)
+        if self.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=int(row["epoch"]))
+            for k, v in row.items():
+                if k != "epoch":
+                    self._writer.add_scalar(k, v, int(row["epoch"]))
+
+    def _flush_logs(self) -> None:
+        """metrics.csv (rewritten whole: columns may appear later) and TensorBoard to disk."""
         keys: list[str] = []
         for r in self.state.history:
             keys += [k for k in r if k not in keys]
@@ -221,14 +272,7 @@ class Trainer:
             w.writeheader()
             w.writerows(self.state.history)
         tmp.replace(self.out / "metrics.csv")
-        if self.tensorboard:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=int(row["epoch"]))
-            for k, v in row.items():
-                if k != "epoch":
-                    self._writer.add_scalar(k, v, int(row["epoch"]))
+        if self._writer is not None:
             self._writer.flush()
 
     # ---- main loop --------------------------------------------------------------------
@@ -279,7 +323,8 @@ class Trainer:
                 self.state.elapsed_s = e0 + (time.perf_counter() - t0)
                 row["elapsed_s"] = self.state.elapsed_s
                 self._log(row)
-                self.save_checkpoint()
+                if time.perf_counter() - self._last_checkpoint >= self.cfg.checkpoint_interval_s:
+                    self.save_checkpoint()
                 bar.update(1)
                 bar.set_postfix({k.removeprefix("val_"): f"{v:.3g}" for k, v in row.items() if "mae" in k})
         finally:

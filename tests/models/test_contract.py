@@ -1,4 +1,5 @@
-"""The model contract, applied to every architecture (as NequIP's reusable model tests):
+"""The model contract, applied to every architecture and every way of reading out several
+fidelities (one head each, a fidelity embedding, base + Δ model), as NequIP's reusable model tests:
 rotation, translation and permutation invariance; forces = −∇E by float64 finite
 differences; energy of a batch = sum of its frames; smooth at the cutoff; stress = strain
 derivative for periodic cells."""
@@ -11,7 +12,7 @@ import torch
 
 from polyfid.data.batch import PackedData, single_frame_batch
 from polyfid.data.frame import Dataset, Frame, Labels
-from polyfid.models import ARCHITECTURES, build_potential
+from polyfid.models import ARCHITECTURES, DeltaPotential, build_potential
 
 # small but complete settings for each architecture
 SMALL = {
@@ -21,15 +22,40 @@ SMALL = {
 SPECIES = [1, 6, 8]
 
 
-@pytest.fixture(params=sorted(ARCHITECTURES))
-def model(request):
-    assert request.param in SMALL, f"add small settings for {request.param} to the contract test"
-    torch.manual_seed(0)
-    m = build_potential({"architecture": request.param, **SMALL[request.param]}, SPECIES, ["a", "b"])
+KINDS = ("heads", "embedding", "delta")
+
+
+def _randomize(m):
     with torch.no_grad():  # non-trivial readout (it starts at zero)
         m.readout.weight.normal_(0, 0.5)
         m.atom_ref.normal_(0, 1.0)
-    return m.double()
+    return m
+
+
+@pytest.fixture(params=[(a, k) for a in sorted(ARCHITECTURES) for k in KINDS], ids=lambda p: f"{p[0]}-{p[1]}")
+def model(request):
+    arch, kind = request.param
+    assert arch in SMALL, f"add small settings for {arch} to the contract test"
+    torch.manual_seed(0)
+    cfg = {"architecture": arch, **SMALL[arch]}
+    if kind == "delta":
+        base = _randomize(build_potential(cfg, SPECIES, ["a"]))
+        return DeltaPotential(base, _randomize(build_potential(cfg, SPECIES, ["b"])), "b", "a").double()
+    if kind == "embedding":
+        cfg["fidelity_embedding"] = 3
+    return _randomize(build_potential(cfg, SPECIES, ["a", "b"])).double()
+
+
+def perturb_head(model, h: int) -> None:
+    """Change what only fidelity `h` depends on."""
+    with torch.no_grad():
+        if isinstance(model, DeltaPotential):
+            assert h == 1
+            model.delta.readout.weight.add_(1.0)
+        elif hasattr(model, "fidelity_embedding"):
+            model.fidelity_embedding[h].add_(1.0)
+        else:
+            model.readout.weight[h].add_(1.0)
 
 
 def random_molecule(rng, n=7):
@@ -141,8 +167,7 @@ def test_heads_are_independent(model):
     rng = np.random.default_rng(6)
     z, pos = random_molecule(rng)
     e = energy(model, z, pos)
-    with torch.no_grad():
-        model.readout.weight[1].add_(1.0)
+    perturb_head(model, 1)
     e2 = energy(model, z, pos)
     assert e2[0] == e[0] and e2[1] != e[1]
 

@@ -14,7 +14,7 @@ from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
 from polyfid.models import build_potential
 from polyfid.train.config import ConfigError, TrainingConfig, load_config
-from polyfid.train.losses import loss_terms
+from polyfid.train.losses import loss_terms, total_loss
 from polyfid.train.run import run_training
 from polyfid.train.trainer import Trainer
 
@@ -38,14 +38,20 @@ def test_masked_loss_uses_only_present_labels() -> None:
     pred_f = torch.zeros_like(batch.forces, requires_grad=True)
     terms = loss_terms({"energy": pred_e, "forces": pred_f}, batch)
 
-    # by hand: energies per atom present at (0..3, lj) and (0, hi)
-    e_items = [(ds[b].labels["lj"].energy / ds[b].n_atoms) ** 2 for b in range(4)]
-    e_items.append((ds[0].labels["hi"].energy / ds[0].n_atoms) ** 2)
-    assert math.isclose(terms["energy"].item(), np.mean(e_items), rel_tol=1e-10)
-    f_items = [ds[b].labels["lj"].forces.ravel() ** 2 for b in (0, 1, 3)] + [ds[1].labels["hi"].forces.ravel() ** 2]
-    assert math.isclose(terms["forces"].item(), np.concatenate(f_items).mean(), rel_tol=1e-10)
+    # by hand, one mean per fidelity: energies per atom present at (0..3, lj) and (0, hi)
+    e_lj = np.mean([(ds[b].labels["lj"].energy / ds[b].n_atoms) ** 2 for b in range(4)])
+    e_hi = (ds[0].labels["hi"].energy / ds[0].n_atoms) ** 2
+    np.testing.assert_allclose(terms["energy"].detach().numpy(), [e_lj, e_hi], rtol=1e-10)
+    f_lj = np.concatenate([ds[b].labels["lj"].forces.ravel() ** 2 for b in (0, 1, 3)]).mean()
+    f_hi = (ds[1].labels["hi"].forces.ravel() ** 2).mean()
+    np.testing.assert_allclose(terms["forces"].detach().numpy(), [f_lj, f_hi], rtol=1e-10)
 
-    (terms["energy"] + terms["forces"]).backward()
+    # per-fidelity weights multiply their own fidelity's terms only
+    w = {"energy": torch.tensor([1.0, 10.0], dtype=torch.float64), "forces": torch.tensor([2.0, 0.0])}
+    total = total_loss(terms, w)
+    assert math.isclose(total.item(), e_lj + 10 * e_hi + 2 * f_lj, rel_tol=1e-6)
+
+    (terms["energy"].sum() + terms["forces"].sum()).backward()
     assert pred_e.grad[1:, 1].abs().sum() == 0  # no hi energy on frames 1..3
     s2 = packed.atom_ptr[2]
     assert pred_f.grad[s2 : s2 + ds[2].n_atoms].abs().sum() == 0  # frame 2 has no forces at any level
@@ -57,7 +63,7 @@ def test_batch_without_any_label_of_a_kind_gives_zero_term() -> None:
     ds = _frames_with_gaps()
     batch = PackedData(ds, 3.0, ["lj", "hi"]).batch([2])
     pred = {"energy": torch.zeros_like(batch.energy), "forces": torch.ones_like(batch.forces)}
-    assert loss_terms(pred, batch)["forces"].item() == 0.0
+    assert loss_terms(pred, batch)["forces"].abs().sum().item() == 0.0
 
 
 def test_reference_energies_per_fidelity_from_own_data() -> None:

@@ -1,0 +1,301 @@
+"""Multi-fidelity strategies on one backbone: single, multi-head, embedding, delta, transfer.
+
+Each takes training and validation data sets whose frames carry labels per fidelity and
+leaves a model in `out/model.pt` that predicts at every fidelity it knows. Strategies with
+two stages (delta, transfer) train the base level in `out/base` and the second stage in
+`out/delta` or `out/finetune`; a killed run resumes stage by stage.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polyfid.data.batch import PackedData
+from polyfid.data.errors import DataError
+from polyfid.data.frame import Dataset, Labels
+from polyfid.models import DeltaPotential, Potential, atomic_write, build_potential, load_model, model_dict
+from polyfid.train.config import Config, ConfigError, StrategyConfig, TrainingConfig, from_dict
+from polyfid.train.trainer import BEST_MODEL, Trainer, TrainState
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class StrategyResult:
+    """The trained model (best validation, EMA weights), its file and each stage's state."""
+
+    model: Potential | DeltaPotential
+    path: Path
+    strategy: str
+    target: str
+    stages: dict[str, TrainState]
+
+    @property
+    def train_s(self) -> float:
+        return sum(s.elapsed_s for s in self.stages.values())
+
+    @property
+    def epochs(self) -> int:
+        return sum(s.epoch for s in self.stages.values())
+
+
+# ---- data helpers ------------------------------------------------------------------------
+def restrict(ds: Dataset, fidelities: list[str]) -> Dataset:
+    """Frames with their labels at `fidelities` only; frames left without labels are dropped."""
+    out = []
+    for f in ds:
+        labels = {k: v for k, v in f.labels.items() if k in fidelities}
+        if labels:
+            out.append(replace(f, labels=labels))
+    return Dataset(out, name=ds.name)
+
+
+def delta_dataset(ds: Dataset, target: str, base: str) -> Dataset:
+    """Frames labelled at both levels, with labels target − base under the name `target`
+    (energies where both have energies, forces where both have forces)."""
+    out = []
+    for f in ds:
+        t, b = f.labels.get(target), f.labels.get(base)
+        if t is None or b is None:
+            continue
+        e = t.energy - b.energy if t.energy is not None and b.energy is not None else None
+        fo = t.forces - b.forces if t.forces is not None and b.forces is not None else None
+        if e is not None or fo is not None:
+            out.append(replace(f, labels={target: Labels(energy=e, forces=fo)}))
+    return Dataset(out, name=ds.name)
+
+
+def resolve_levels(sc: StrategyConfig, ds: Dataset) -> tuple[str, str, str | None]:
+    """(strategy name, target fidelity, base fidelity or None) for the data at hand."""
+    fids = ds.fidelities
+    if not fids:
+        raise DataError("the training data carry no labels")
+    for key in ("target", "base"):
+        v = getattr(sc, key)
+        if v is not None and v not in fids:
+            raise ConfigError(f"strategy.{key}: fidelity {v!r} is not in the training data, which has {fids}")
+    n_e = {f: ds.count(f, "energy") for f in fids}
+    n_f = {f: ds.count(f, "forces") for f in fids}
+    target = sc.target or min(fids, key=lambda f: (n_e[f] + n_f[f], -fids.index(f)))
+    others = [f for f in fids if f != target]
+    base = sc.base or (max(others, key=lambda f: (n_f[f], n_e[f])) if others else None)
+    name = sc.name
+    if name == "auto":
+        name = "single" if len(fids) == 1 else "multi-head"
+    if name in ("delta", "transfer", "multi-head") and len(fids) > 1 and base == target:
+        raise ConfigError(f"strategy.base and strategy.target are both {target!r}")
+    if name in ("delta", "transfer") and base is None:
+        raise ConfigError(f"strategy {name!r} needs two fidelities in the training data; it has {fids}")
+    return name, target, base
+
+
+def frame_weights(ds: Dataset, sampling: dict[str, float]) -> np.ndarray | None:
+    """Sampling weight of each frame such that the frames labelled at fidelity f make up a
+    share `sampling[f]` of the draws; a frame with several levels counts for its rarest
+    named level; unnamed frames share the rest in proportion to their number."""
+    if not sampling:
+        return None
+    counts = {f: ds.count(f, "energy") + ds.count(f, "forces") for f in sampling}
+    group = []
+    for fr in ds:
+        named = [f for f in fr.labels if f in sampling]
+        group.append(min(named, key=lambda f: counts[f]) if named else None)
+    w = np.zeros(len(ds))
+    rest = 1.0 - sum(sampling.values())
+    for g in set(group):
+        members = np.array([k for k, x in enumerate(group) if x == g])
+        share = sampling[g] if g is not None else rest
+        w[members] = share / len(members)
+    unknown = set(sampling) - set(ds.fidelities)
+    if unknown:
+        raise ConfigError(f"training.sampling names fidelities {sorted(unknown)} absent from the training data")
+    if not w.any():
+        raise ConfigError("training.sampling leaves no frame with a positive weight")
+    return w
+
+
+# ---- one training stage --------------------------------------------------------------------
+def _stage(
+    model: Potential,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    tc: TrainingConfig,
+    out: Path,
+    model_cfg: dict[str, Any],
+    output: Any,
+    resume: bool,
+    fit_references: bool = True,
+    regularizer=None,
+    metadata: dict | None = None,
+    energy_scale: torch.Tensor | None = None,
+) -> tuple[Potential, TrainState]:
+    """Fit references (optional; then set every head's scale to `energy_scale` if given:
+    weights copied from another model keep their meaning), train, return the best model
+    and the final state."""
+    dtype = DTYPES[tc.dtype]
+    fids = list(model.fidelities)
+    train = PackedData(train_ds, model.cutoff, fids, dtype=dtype)
+    val = PackedData(val_ds, model.cutoff, fids, dtype=dtype) if val_ds is not None and len(val_ds) else None
+    meta = dict(metadata or {})
+    if fit_references:
+        refs = model.fit_reference_energies(train)
+        meta["reference_energies_eV"] = {f: dict(zip(model.species, r)) for f, r in refs.items()}
+        if energy_scale is not None:
+            with torch.no_grad():
+                model.energy_scale.fill_(float(energy_scale))
+    meta |= {"n_train": len(train_ds), "n_val": 0 if val is None else len(val_ds)}
+    model = model.to(dtype=dtype, device=tc.device)
+    trainer = Trainer(
+        model, train, val, tc, out, model_cfg, meta,
+        progress=output.progress, tensorboard=output.tensorboard,
+        frame_weights=frame_weights(train_ds, tc.sampling), regularizer=regularizer,
+    )
+    state = trainer.fit(resume=resume)
+    return load_model(out / BEST_MODEL, dtype=dtype, device=tc.device), state
+
+
+def _second_stage_config(tc: TrainingConfig, overrides: dict) -> TrainingConfig:
+    return from_dict(TrainingConfig, asdict(tc) | dict(overrides), "strategy.second_stage")
+
+
+def _species(*sets: Dataset) -> list[int]:
+    return sorted(set().union(*[set(s.elements) for s in sets if s is not None]))
+
+
+# ---- strategies -----------------------------------------------------------------------------
+def fit_strategy(
+    cfg: Config,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    out: str | Path,
+    resume: bool = False,
+    base_model: Potential | None = None,
+) -> StrategyResult:
+    """Train as `cfg.strategy` says; the final model is written to out/model.pt.
+
+    base_model: an already trained base-level model for delta and transfer (its stage is
+    then skipped; e.g. one low-level model shared by several high-level subsets)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sc, tc = cfg.strategy, cfg.training
+    name, target, base = resolve_levels(sc, train_ds)
+    species = _species(train_ds, val_ds)
+    model_cfg = asdict(cfg.model)
+    torch.manual_seed(tc.seed)
+    stages: dict[str, TrainState] = {}
+
+    warm = name in ("multi-head", "embedding") and (sc.warm_start or base_model is not None)
+    if name == "single" or (name in ("multi-head", "embedding") and not warm):
+        fids = [target] if name == "single" else train_ds.fidelities
+        best, stages["train"] = _one_network(cfg, name, fids, train_ds, val_ds, out, resume, target, base, species)
+        return StrategyResult(best, out / BEST_MODEL, name, target, stages)
+
+    assert base is not None
+    # stage 1: the base level alone
+    if base_model is None:
+        torch.manual_seed(tc.seed)
+        m = build_potential(model_cfg, species, [base])
+        tr_b = restrict(train_ds, [base])
+        va_b = restrict(val_ds, [base]) if val_ds is not None else None
+        base_model, stages["base"] = _stage(m, tr_b, va_b, tc, out / "base", model_cfg, cfg.output, resume,
+                                            metadata={"strategy": "single", "target": base})
+    elif base not in base_model.fidelities:
+        raise ConfigError(f"the given base model has fidelities {base_model.fidelities}, not {base!r}")
+    tc2 = _second_stage_config(tc, sc.second_stage)
+    torch.manual_seed(tc2.seed)
+    meta = {"strategy": name, "target": target, "base": base}
+
+    if name == "delta":
+        tr_d = delta_dataset(train_ds, target, base)
+        if not len(tr_d):
+            raise DataError(f"delta: no training frame has labels at both {target!r} and {base!r}")
+        va_d = delta_dataset(val_ds, target, base) if val_ds is not None else None
+        d_cfg = model_cfg | dict(sc.delta_model)
+        delta = build_potential(d_cfg, species, [target])
+        delta, stages["delta"] = _stage(delta, tr_d, va_d, tc2, out / "delta", d_cfg, cfg.output, resume,
+                                        metadata=meta)
+        b = base_model.to(dtype=DTYPES[tc.dtype])
+        model: Potential | DeltaPotential = DeltaPotential(b, delta, target, base)
+        atomic_write(model_dict(model, {"base": model_cfg, "delta": d_cfg}, meta), out / BEST_MODEL)
+        return StrategyResult(model, out / BEST_MODEL, name, target, stages)
+
+    col = base_model.head_index(base)
+    scale = base_model.energy_scale[col]  # copied head weights were learnt at the base level's scale
+    if name in ("multi-head", "embedding"):
+        # every level from the base model's weights, then all levels together
+        fids = train_ds.fidelities
+        best, stages["train"] = _one_network(cfg, name, fids, train_ds, val_ds, out / "train", resume, target, base,
+                                             species, tc2, base_model, scale)
+        shutil.copyfile(out / "train" / BEST_MODEL, out / BEST_MODEL)
+        return StrategyResult(best, out / BEST_MODEL, name, target, stages)
+
+    # transfer: start from the base model's weights, fine-tune on the target level alone
+    tr_t = restrict(train_ds, [target])
+    va_t = restrict(val_ds, [target]) if val_ds is not None else None
+    model = build_potential(model_cfg, species, [target])
+    warm_start(model, base_model, col)
+    _freeze(model, sc.trainable)
+    best, stages["finetune"] = _stage(model, tr_t, va_t, tc2, out / "finetune", model_cfg, cfg.output, resume,
+                                      metadata=meta, energy_scale=scale)
+    shutil.copyfile(out / "finetune" / BEST_MODEL, out / BEST_MODEL)
+    return StrategyResult(best, out / BEST_MODEL, name, target, stages)
+
+
+def _one_network(cfg, name, fids, train_ds, val_ds, out, resume, target, base, species, tc=None, start=None,
+                 scale=None) -> tuple[Potential, TrainState]:
+    """single / multi-head / embedding: one network on `fids`, optionally from `start`'s weights."""
+    sc, tc = cfg.strategy, tc or cfg.training
+    model_cfg = asdict(cfg.model)
+    tr = restrict(train_ds, fids)
+    va = restrict(val_ds, fids) if val_ds is not None else None
+    if name == "embedding":
+        model_cfg["fidelity_embedding"] = sc.embedding_dim
+    model = build_potential(model_cfg, species, fids)
+    if start is not None:
+        warm_start(model, start, start.head_index(base))
+    reg = None
+    if name == "multi-head" and sc.head_tie > 0 and base is not None:
+        b, lam = fids.index(base), sc.head_tie
+        reg = lambda: lam * model.head_tie_penalty(b)  # noqa: E731
+    meta = {"strategy": name, "target": target, "base": base}
+    return _stage(model, tr, va, tc, out, model_cfg, cfg.output, resume, regularizer=reg, metadata=meta,
+                  energy_scale=scale)
+
+
+@torch.no_grad()
+def warm_start(model: Potential, source: Potential, col: int) -> None:
+    """Copy `source`'s network into `model`; every head of `model` starts as `source`'s head
+    `col`. Tensors that differ in size (an embedding's wider input) get the overlapping part
+    and zeros elsewhere, so that the new model starts out predicting what `source` does."""
+    if list(model.species) != list(source.species):
+        raise ValueError(f"cannot start from a model of species {source.species}: this one has {model.species}")
+    dst = model.representation.state_dict()
+    for k, v in source.representation.state_dict().items():
+        if k in dst:
+            region = tuple(slice(0, min(a, b)) for a, b in zip(dst[k].shape, v.shape))
+            if dst[k].shape != v.shape:
+                dst[k].zero_()
+            dst[k][region] = v[region].to(dst[k])
+    src_w = source.readout.weight[col].split(source.representation.feature_sizes)
+    dst_w = list(model.readout.weight.split(model.representation.feature_sizes, dim=1))
+    for d, s_ in zip(dst_w, src_w):
+        n = min(d.shape[1], s_.shape[0])
+        d[:, :n] = s_[:n].to(d)
+    model.readout.bias.fill_(float(source.readout.bias[col]))
+
+
+def _freeze(model: Potential, trainable: str) -> None:
+    """Leave only the named part trainable: all, head, or last (last block and head)."""
+    if trainable == "all":
+        return
+    for p in model.representation.parameters():
+        p.requires_grad_(False)
+    if trainable == "last":
+        for p in model.representation.blocks[-1].parameters():
+            p.requires_grad_(True)

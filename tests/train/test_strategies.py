@@ -1,0 +1,202 @@
+"""Multi-fidelity strategies on tiny two-level data: each trains, saves, loads and predicts
+at the level asked; sampling shares, head ties, Δ targets and the error messages."""
+
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase.calculators.lj import LennardJones
+from conftest import toy_molecules
+
+from polyfid.api import evaluate, predict
+from polyfid.calculators.ase import PolyfidCalculator
+from polyfid.data.batch import PackedData
+from polyfid.data.errors import DataError
+from polyfid.data.frame import Dataset, Frame, Labels
+from polyfid.models import DeltaPotential, load_model
+from polyfid.train.config import ConfigError, load_config
+from polyfid.train.run import run_training
+from polyfid.train.strategies import delta_dataset, fit_strategy, frame_weights, resolve_levels, restrict
+from polyfid.train.trainer import batch_order
+
+MODEL = {"n_features": 8, "n_sensitivities": 4, "n_interactions": 1, "n_atom_layers": 1, "cutoff": 3.0}
+
+
+def two_level_data(n: int = 24, n_hi: int = 8, seed: int = 0) -> Dataset:
+    """lo: LJ energies and forces on every frame; hi: a different LJ's energies on the
+    first n_hi frames only (forces of hi exist nowhere)."""
+    frames = []
+    for k, a in enumerate(toy_molecules(n, seed)):
+        labels = {"lo": Labels(a.get_potential_energy(), a.get_forces())}
+        if k < n_hi:
+            b = a.copy()
+            b.calc = LennardJones(sigma=0.95, epsilon=0.12, rc=3.0, smooth=True)
+            labels["hi"] = Labels(energy=b.get_potential_energy() + 0.5 * len(a))
+        frames.append(Frame(a.numbers, a.positions, labels, source=f"toy:{k}"))
+    return Dataset(frames, name="toy2")
+
+
+def config(tmp_path, name: str, **strategy) -> dict:
+    return {
+        "model": MODEL,
+        "training": {"epochs": 3, "batch_size": 4, "num_threads": 1, "seed": 0},
+        "strategy": {"name": name, **strategy},
+        "output": {"dir": str(tmp_path / name), "progress": False, "tensorboard": False, "plots": False},
+    }
+
+
+@pytest.mark.parametrize("name", ["single", "multi-head", "embedding", "delta", "transfer"])
+def test_each_strategy_trains_saves_and_predicts_the_target(tmp_path, name) -> None:
+    ds = two_level_data()
+    cfg = load_config(config(tmp_path, name, target="hi", base="lo", head_tie=0.1 if name == "multi-head" else 0.0))
+    res = fit_strategy(cfg, ds[np.arange(20)], ds[np.arange(20, 24)], tmp_path / name)
+    assert res.target == "hi" and res.strategy == name
+    expected = {"single": ["hi"], "multi-head": ["lo", "hi"], "embedding": ["lo", "hi"], "delta": ["lo", "hi"],
+                "transfer": ["hi"]}[name]
+    assert res.model.fidelities == expected
+    assert res.epochs >= 3 and res.train_s > 0
+    loaded = load_model(res.path)
+    assert loaded.fidelities == expected and loaded.head_index(None) == expected.index("hi")
+    # the file predicts what the returned model predicts, at the target by default
+    mols = toy_molecules(3, seed=9)
+    p_file = predict(loaded, mols)
+    p_mem = predict(res.model.float(), mols, fidelity="hi")
+    for a, b in zip(p_file, p_mem):
+        np.testing.assert_allclose(a["energy"], b["energy"], rtol=1e-6)
+        np.testing.assert_allclose(a["forces"], b["forces"], rtol=1e-4, atol=1e-6)
+    # and through ASE
+    atoms = mols[0].copy()
+    atoms.calc = PolyfidCalculator(res.path, fidelity="hi")
+    assert np.isclose(atoms.get_potential_energy(), p_file[0]["energy"], rtol=1e-6)
+    with pytest.raises(KeyError, match="no fidelity 'ccsd'"):
+        PolyfidCalculator(res.path, fidelity="ccsd")
+
+
+def test_second_stage_reuses_a_given_base_model(tmp_path) -> None:
+    ds = two_level_data()
+    cfg = load_config(config(tmp_path, "delta", target="hi", base="lo"))
+    first = fit_strategy(cfg, ds, None, tmp_path / "a")
+    assert set(first.stages) == {"base", "delta"}
+    again = fit_strategy(cfg, ds, None, tmp_path / "b", base_model=first.model.base)
+    assert set(again.stages) == {"delta"} and not (tmp_path / "b" / "base").exists()
+    assert isinstance(again.model, DeltaPotential)
+
+
+@pytest.mark.parametrize("name", ["multi-head", "embedding"])
+def test_warm_start_begins_every_level_at_the_base_model(tmp_path, name) -> None:
+    ds = two_level_data()
+    cfg = load_config(config(tmp_path, name, target="hi", base="lo", warm_start=True,
+                             second_stage={"epochs": 1, "lr": 1e-9}))
+    res = fit_strategy(cfg, ds, None, tmp_path / name)
+    assert set(res.stages) == {"base", "train"}
+    base = load_model(tmp_path / name / "base" / "model.pt")
+    mols = toy_molecules(2, seed=5)
+    # after a step at lr≈0, each level predicts the base model's forces
+    f_base = predict(base, mols)[0]["forces"]
+    for fid in ("lo", "hi"):
+        np.testing.assert_allclose(predict(res.model, mols, fidelity=fid)[0]["forces"], f_base, rtol=1e-3, atol=1e-4)
+
+
+def test_transfer_head_only_keeps_the_representation(tmp_path) -> None:
+    ds = two_level_data()
+    cfg = load_config(config(tmp_path, "transfer", target="hi", base="lo", trainable="head"))
+    res = fit_strategy(cfg, ds, None, tmp_path / "t")
+    base = load_model(tmp_path / "t" / "base" / "model.pt")
+    for k, v in base.representation.state_dict().items():
+        torch.testing.assert_close(res.model.representation.state_dict()[k].float(), v)
+    assert not torch.equal(res.model.readout.weight, base.readout.weight)
+
+
+def test_delta_targets_are_differences_on_shared_frames() -> None:
+    ds = two_level_data(n=6, n_hi=3)
+    d = delta_dataset(ds, "hi", "lo")
+    assert len(d) == 3 and d.fidelities == ["hi"]
+    for k in range(3):
+        assert np.isclose(d[k].labels["hi"].energy, ds[k].labels["hi"].energy - ds[k].labels["lo"].energy)
+        assert d[k].labels["hi"].forces is None  # hi has no forces
+
+
+def test_levels_resolve_from_the_data_and_bad_names_fail() -> None:
+    ds = two_level_data()
+    cfg = load_config({"strategy": {"name": "delta"}})
+    assert resolve_levels(cfg.strategy, ds) == ("delta", "hi", "lo")
+    assert resolve_levels(load_config({}).strategy, ds)[0] == "multi-head"
+    assert resolve_levels(load_config({}).strategy, restrict(ds, ["lo"]))[0] == "single"
+    with pytest.raises(ConfigError, match="'mp2' is not in the training data"):
+        resolve_levels(load_config({"strategy": {"target": "mp2"}}).strategy, ds)
+    with pytest.raises(ConfigError, match="needs two fidelities"):
+        resolve_levels(load_config({"strategy": {"name": "transfer"}}).strategy, restrict(ds, ["lo"]))
+
+
+def test_sampling_shares_and_weighted_epochs() -> None:
+    ds = two_level_data(n=40, n_hi=4)
+    w = frame_weights(ds, {"hi": 0.5})
+    assert np.isclose(w[:4].sum(), 0.5) and np.isclose(w[4:].sum(), 0.5)
+    order = np.concatenate([batch_order(40, 0, e, w) for e in range(50)])
+    assert abs(np.isin(order, np.arange(4)).mean() - 0.5) < 0.05  # ~half the draws are the 4 hi frames
+    np.testing.assert_array_equal(batch_order(40, 0, 3, w), batch_order(40, 0, 3, w))  # resumable
+    with pytest.raises(ConfigError, match="share"):
+        load_config({"training": {"sampling": {"hi": 1.5}}})
+    with pytest.raises(ConfigError, match="absent from the training data"):
+        frame_weights(ds, {"mp2": 0.5})
+
+
+def test_head_tie_pulls_heads_together(tmp_path) -> None:
+    ds = two_level_data()
+    dist = {}
+    for tie in (0.0, 100.0):
+        cfg = load_config(config(tmp_path, "multi-head", target="hi", base="lo", head_tie=tie))
+        cfg.output.dir = str(tmp_path / f"tie{tie}")
+        m = fit_strategy(cfg, ds, None, tmp_path / f"tie{tie}").model
+        dist[tie] = float(m.head_tie_penalty(0).detach())
+    assert dist[100.0] < 0.5 * dist[0.0]
+
+
+def test_fidelity_weights_scale_their_own_terms(tmp_path) -> None:
+    from polyfid.train.config import TrainingConfig
+    from polyfid.train.trainer import Trainer
+
+    ds = two_level_data()
+    cfg = load_config(config(tmp_path, "multi-head"))
+    from polyfid.models import build_potential
+
+    m = build_potential(MODEL, ds.elements, ["lo", "hi"])
+    tc = TrainingConfig(energy_weight=2.0, force_weight=10.0, fidelity_weights={"hi": {"energy": 5.0}})
+    tr = Trainer(m, PackedData(ds, 3.0, ["lo", "hi"]), None, tc, tmp_path / "w", {}, progress=False)
+    w = tr._weights(0.0)
+    assert w["energy"].tolist() == [2.0, 10.0] and w["forces"].tolist() == [10.0, 10.0]
+    assert cfg.strategy.name == "multi-head"
+
+
+def test_multi_fidelity_run_from_yaml_and_evaluate_per_fidelity(tmp_path) -> None:
+    """Two files, each tagged with its level; hi keeps only energies (`use`), evaluation
+    reports each level."""
+    lo, hi = toy_molecules(30, seed=1), toy_molecules(8, seed=2)
+    for a in hi:
+        a.calc = LennardJones(sigma=0.95, epsilon=0.12, rc=3.0, smooth=True)
+        a.get_potential_energy(), a.get_forces()
+    ase.io.write(tmp_path / "lo.extxyz", lo)
+    ase.io.write(tmp_path / "hi.extxyz", hi)
+    cfg = config(tmp_path, "multi-head", target="hi")
+    cfg["data"] = {"train": [{"path": str(tmp_path / "lo.extxyz"), "fidelity": "lo"},
+                             {"path": str(tmp_path / "hi.extxyz"), "fidelity": "hi", "use": ["energy"]}],
+                   "val_size": 4, "test": [{"path": str(tmp_path / "hi.extxyz"), "fidelity": "hi"}]}
+    res = run_training(cfg)
+    assert res.strategy == "multi-head" and res.target == "hi"
+    assert set(res.test_metrics) == {"hi"} and "force_mae_meV_A" in res.test_metrics["hi"]
+    both = Dataset([Frame(a.numbers, a.positions, {"lo": Labels(1.0 * a.get_potential_energy(), a.get_forces()),
+                                                   "hi": Labels(a.get_potential_energy())}) for a in hi[:3]])
+    m = evaluate(res.out / "model.pt", both)
+    assert set(k for k in m if not k.startswith("_")) == {"lo", "hi"}
+
+
+def test_a_level_without_energies_cannot_get_references(tmp_path) -> None:
+    ds = two_level_data()
+    for f in ds:
+        if "hi" in f.labels:
+            f.labels["hi"] = Labels(forces=f.labels["lo"].forces)
+    cfg = load_config(config(tmp_path, "multi-head"))
+    with pytest.raises(DataError, match="'hi' has no energies"):
+        fit_strategy(cfg, ds, None, tmp_path / "x")
