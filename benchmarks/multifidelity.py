@@ -36,6 +36,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -182,17 +183,16 @@ def merged(low_ds, high_ds, high: str, forces: bool = False):
     from polyfid.data.frame import Dataset, Labels
     from polyfid.label import frame_key
 
-    by_key = {frame_key(f): f for f in low_ds}
-    out = [f.__class__(f.numbers, f.positions, dict(f.labels), f.cell, f.pbc, f.source) for f in low_ds]
-    index = {frame_key(f): k for k, f in enumerate(out)}
+    out = [replace(f, labels=dict(f.labels)) for f in low_ds]
+    index = {frame_key(f): i for i, f in enumerate(low_ds)}
     extra = []
     for f in high_ds:
         lab = Labels(energy=f.labels[high].energy, forces=f.labels[high].forces if forces else None)
         k = frame_key(f)
-        if k in by_key:
+        if k in index:
             out[index[k]].labels[high] = lab
         else:
-            extra.append(f.__class__(f.numbers, f.positions, {high: lab}, f.cell, f.pbc, f.source))
+            extra.append(replace(f, labels={high: lab}))
     return Dataset(out + extra)
 
 
@@ -249,7 +249,7 @@ def run_job(args, spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     if strategy == "low":
         cfg = load_config(_config(out, budget, 0, {"name": "single", "target": low}))
-        res = fit_strategy(cfg, low_ds, None, out)
+        res = fit_strategy(cfg, low_ds, None, out, resume=True)
         model, target = res.model, low
     elif strategy in ("sf_energy", "sf_energy_forces"):
         train = restrict(high_ds, [high])
@@ -257,7 +257,7 @@ def run_job(args, spec: dict[str, Any]) -> dict[str, Any]:
             for f in train:
                 f.labels[high].forces = None
         cfg = load_config(_config(out, budget, seed, {"name": "single", "target": high}))
-        res = fit_strategy(cfg, train, None, out)
+        res = fit_strategy(cfg, train, None, out, resume=True)
         model, target = res.model, high
     else:
         base = load_model(low_model_dir / "model.pt")
@@ -265,7 +265,7 @@ def run_job(args, spec: dict[str, Any]) -> dict[str, Any]:
         st = STRATEGY[strategy] | {"target": high, "base": low}
         training = {"sampling": {high: SAMPLING_HIGH}} if strategy in ("multi_head", "embedding") else {}
         cfg = load_config(_config(out, budget, seed, st, training))
-        res = fit_strategy(cfg, train, None, out, base_model=base)
+        res = fit_strategy(cfg, train, None, out, resume=True, base_model=base)
         model, target = res.model, high
     wall = time.perf_counter() - t0
     test_hi = restrict(test, [target])
@@ -402,7 +402,8 @@ def aggregate(work: Path, cases: list[str], args) -> dict[str, Any]:
         low = next((f for f in frags if f["case"] == case and f["strategy"] == "low"), None)
         if low:
             out["low_level_model"] = {k: low[k] for k in ("energy_mae_meV", "force_mae_meV_A", "train_s", "epochs")}
-            out["low_level_model"]["note"] = "the shared low-level model, scored against the low-level labels of the test frames"
+            out["low_level_model"]["note"] = ("the shared low-level model, scored against the low-level labels "
+                                              "of the test frames")
         result[case] = out
     return result
 

@@ -78,6 +78,10 @@ def label_frames(
     lv = parse_level(level)
     if forces and not lv.has_forces:
         raise LevelError(f"level {lv.name!r} has no analytic forces; label energies only")
+    periodic = [fr.source or str(i) for i, fr in enumerate(frames) if fr.pbc.any()]
+    if periodic:
+        raise LevelError(f"periodic frames ({', '.join(periodic[:3])}{', ...' if len(periodic) > 3 else ''}): "
+                         "polyfid.label computes isolated molecules only")
     own_store = not isinstance(store, LabelStore)
     st = LabelStore(store) if own_store else store
     t0 = time.perf_counter()
@@ -111,8 +115,19 @@ def _run(frames, indices, level, store, forces, workers, threads, executor, prog
     if own:
         import multiprocessing as mp
 
-        # spawn: workers must not inherit torch's OpenMP state from the parent
-        executor = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        # spawn: workers must not inherit torch's OpenMP state from the parent; the thread
+        # limits are in the environment before the workers import numpy and their BLAS
+        saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        os.environ.update({v: str(threads) for v in saved})
+        try:
+            executor = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+            executor.submit(int, 0).result()  # start the workers while the variables are set
+        finally:
+            for v, old in saved.items():
+                if old is None:
+                    os.environ.pop(v, None)
+                else:
+                    os.environ[v] = old
     try:
         futures = {
             executor.submit(_work, level, frames[i].numbers, frames[i].positions, forces,

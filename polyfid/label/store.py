@@ -103,9 +103,17 @@ class LabelStore:
         f = None if forces is None else np.ascontiguousarray(forces, dtype=np.float64).tobytes()
         cell = None if frame.cell is None else np.asarray(frame.cell, dtype=np.float64).tobytes()
         pbc = json.dumps([bool(p) for p in frame.pbc])
+        # a failure never replaces a finished result (e.g. a failed retry asking for forces)
+        sql = "INSERT OR REPLACE INTO labels VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        if reason is not None:
+            sql = (
+                "INSERT INTO labels VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(key, level) DO UPDATE SET "
+                "status = CASE WHEN labels.status = 'ok' THEN 'ok' ELSE excluded.status END, "
+                "reason = excluded.reason, seconds = excluded.seconds, created = excluded.created"
+            )
         with self._con:
             self._con.execute(
-                "INSERT OR REPLACE INTO labels VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                sql,
                 (frame_key(frame), level, status, energy, f, reason, seconds,
                  np.asarray(frame.numbers, dtype=np.int64).tobytes(),
                  np.asarray(frame.positions, dtype=np.float64).tobytes(),
@@ -115,9 +123,16 @@ class LabelStore:
     # ---- reading ----------------------------------------------------------------------
     def done(self, level: str, forces: bool = False) -> set[str]:
         """Keys with a finished result at `level` (with forces if asked), failures included:
-        a failure is not retried unless the user removes it."""
-        q = "SELECT key, status, forces IS NOT NULL FROM labels WHERE level = ?"
-        return {k for k, st, has_f in self._con.execute(q, (level,)) if st == "failed" or has_f or not forces}
+        a failure is not retried unless the user removes it; an energy-only result whose
+        forces are now asked for is recomputed (and kept if that attempt fails)."""
+        q = "SELECT key, status, forces IS NOT NULL, reason FROM labels WHERE level = ?"
+        out = set()
+        for k, st, has_f, reason in self._con.execute(q, (level,)):
+            if st == "ok" and reason is not None and forces:
+                out.add(k)  # forces were tried once and failed: the energy stays, no retry
+            elif st == "failed" or has_f or not forces:
+                out.add(k)
+        return out
 
     def get(self, frame: Frame, level: str) -> tuple[float, np.ndarray | None] | None:
         """(energy eV, forces eV/Å or None) of a finished calculation; None if absent or failed."""

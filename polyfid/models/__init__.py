@@ -39,8 +39,11 @@ def build_potential(model_config: dict[str, Any], species: Sequence[int], fideli
         raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
     rep = ARCHITECTURES[name](n_species=len(species) + embed, **cfg)
     if embed:
-        return FidelityEmbeddingPotential(rep, species, fidelities, embed)
-    return Potential(rep, species, fidelities)
+        pot: Potential = FidelityEmbeddingPotential(rep, species, fidelities, embed)
+    else:
+        pot = Potential(rep, species, fidelities)
+    pot.model_config = dict(model_config)  # what rebuilds it (saved with the weights)
+    return pot
 
 
 def atomic_write(obj: Any, path: str | Path, durable: bool = True) -> None:

@@ -120,7 +120,7 @@ class StrategyConfig:
         "one fidelity, else multi-head",
     )
     target: str | None = opt(None, "the fidelity predicted by default (the high level); null: the one with fewest "
-                             "energy labels")
+                             "labels (energies and forces counted)")
     base: str | None = opt(None, "the low level for delta and transfer; null: the fidelity with most force labels")
     head_tie: float = opt(
         0.0, "multi-head: weight of a ridge penalty on the difference between each head and the base head "

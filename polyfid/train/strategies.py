@@ -90,8 +90,9 @@ def resolve_levels(sc: StrategyConfig, ds: Dataset) -> tuple[str, str, str | Non
         name = "single" if len(fids) == 1 else "multi-head"
     if name in ("delta", "transfer", "multi-head") and len(fids) > 1 and base == target:
         raise ConfigError(f"strategy.base and strategy.target are both {target!r}")
-    if name in ("delta", "transfer") and base is None:
-        raise ConfigError(f"strategy {name!r} needs two fidelities in the training data; it has {fids}")
+    if (name in ("delta", "transfer") or (name in ("multi-head", "embedding") and sc.warm_start)) and base is None:
+        raise ConfigError(f"strategy {name!r}{' with warm_start' if sc.warm_start else ''} needs two fidelities "
+                          f"in the training data; it has {fids}")
     return name, target, base
 
 
@@ -154,10 +155,15 @@ def _stage(
     trainer = Trainer(
         model, train, val, tc, out, model_cfg, meta,
         progress=output.progress, tensorboard=output.tensorboard,
-        frame_weights=frame_weights(train_ds, tc.sampling), regularizer=regularizer,
+        frame_weights=frame_weights(train_ds, _stage_shares(tc.sampling, fids)), regularizer=regularizer,
     )
     state = trainer.fit(resume=resume)
     return load_model(out / BEST_MODEL, dtype=dtype, device=tc.device), state
+
+
+def _stage_shares(sampling: dict[str, float], fids: list[str]) -> dict[str, float]:
+    """The sampling shares that apply to a stage training `fids` (none for a single level)."""
+    return {} if len(fids) < 2 else {k: v for k, v in sampling.items() if k in fids}
 
 
 def _second_stage_config(tc: TrainingConfig, overrides: dict) -> TrainingConfig:
@@ -185,6 +191,10 @@ def fit_strategy(
     out.mkdir(parents=True, exist_ok=True)
     sc, tc = cfg.strategy, cfg.training
     name, target, base = resolve_levels(sc, train_ds)
+    unknown = set(tc.sampling) - set(train_ds.fidelities)
+    if unknown:
+        raise ConfigError(f"training.sampling names fidelities {sorted(unknown)} absent from the training data "
+                          f"({train_ds.fidelities})")
     species = _species(train_ds, val_ds)
     model_cfg = asdict(cfg.model)
     torch.manual_seed(tc.seed)
@@ -220,9 +230,10 @@ def fit_strategy(
         delta = build_potential(d_cfg, species, [target])
         delta, stages["delta"] = _stage(delta, tr_d, va_d, tc2, out / "delta", d_cfg, cfg.output, resume,
                                         metadata=meta)
-        b = base_model.to(dtype=DTYPES[tc.dtype])
+        b = base_model.to(dtype=DTYPES[tc.dtype], device=tc2.device)
         model: Potential | DeltaPotential = DeltaPotential(b, delta, target, base)
-        atomic_write(model_dict(model, {"base": model_cfg, "delta": d_cfg}, meta), out / BEST_MODEL)
+        b_cfg = getattr(base_model, "model_config", None) or model_cfg
+        atomic_write(model_dict(model, {"base": b_cfg, "delta": d_cfg}, meta), out / BEST_MODEL)
         return StrategyResult(model, out / BEST_MODEL, name, target, stages)
 
     col = base_model.head_index(base)

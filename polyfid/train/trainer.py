@@ -142,6 +142,7 @@ class Trainer:
         n_steps = math.ceil(len(order) / bs)
         forces, stress = self._needs()
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         n_done = 0
         for k in range(n_steps):
             self.state.elapsed_s = elapsed_start + (time.perf_counter() - t_start)
@@ -178,10 +179,12 @@ class Trainer:
                     cols = heads if key == "energy" else dheads
                     for c, x in zip(cols, v.tolist()):
                         sums[f"{key}_{fids[c]}"] = sums.get(f"{key}_{fids[c]}", 0.0) + x
+                        counts[f"{key}_{fids[c]}"] = counts.get(f"{key}_{fids[c]}", 0) + 1
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             n_done += 1
         self.state.elapsed_s = elapsed_start + (time.perf_counter() - t_start)
-        return {f"train_{k}": v / max(n_done, 1) for k, v in sums.items()} | {"train_steps": n_done}
+        # a level's own terms are averaged over the steps whose batches had its labels
+        return {f"train_{k}": v / max(counts.get(k, n_done), 1) for k, v in sums.items()} | {"train_steps": n_done}
 
     # ---- validation -------------------------------------------------------------------
     def validate(self) -> dict[str, float]:

@@ -77,6 +77,21 @@ def test_nothing_is_recomputed_and_failures_are_recorded(tmp_path) -> None:
         assert len(st.dataset()) == 2  # failures never enter a data set
 
 
+def test_a_failed_retry_keeps_the_finished_energy(tmp_path) -> None:
+    fr = water()
+    with LabelStore(tmp_path / "s.sqlite") as st:
+        st.put(fr, "hf/sto-3g", -2000.0)
+        st.put(fr, "hf/sto-3g", None, reason="forces: SCF did not converge")
+        assert st.get(fr, "hf/sto-3g") == (-2000.0, None)
+        assert fr.source and structure_key(fr.numbers, fr.positions) in st.done("hf/sto-3g", forces=True)
+
+
+def test_periodic_frames_are_refused(tmp_path) -> None:
+    fr = Frame([8, 1, 1], water().positions, cell=np.eye(3) * 5, pbc=[True] * 3, source="box")
+    with pytest.raises(LevelError, match="periodic frames \\(box\\)"):
+        label_frames([fr], "gfn2-xtb", tmp_path / "s.sqlite", progress=False)
+
+
 def test_structure_key_rounds_and_separates() -> None:
     fr = water()
     k = structure_key(fr.numbers, fr.positions)

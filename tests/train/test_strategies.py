@@ -99,6 +99,17 @@ def test_warm_start_begins_every_level_at_the_base_model(tmp_path, name) -> None
         np.testing.assert_allclose(predict(res.model, mols, fidelity=fid)[0]["forces"], f_base, rtol=1e-3, atol=1e-4)
 
 
+def test_sampling_shares_apply_to_the_stages_that_have_both_levels(tmp_path) -> None:
+    ds = two_level_data()
+    cfg = config(tmp_path, "multi-head", target="hi", base="lo", warm_start=True)
+    cfg["training"]["sampling"] = {"hi": 0.5}
+    res = fit_strategy(load_config(cfg), ds, None, tmp_path / "s")  # the base stage has lo only
+    assert set(res.stages) == {"base", "train"}
+    cfg["training"]["sampling"] = {"mp2": 0.5}
+    with pytest.raises(ConfigError, match="absent from the training data"):
+        fit_strategy(load_config(cfg), ds, None, tmp_path / "s2")
+
+
 def test_transfer_head_only_keeps_the_representation(tmp_path) -> None:
     ds = two_level_data()
     cfg = load_config(config(tmp_path, "transfer", target="hi", base="lo", trainable="head"))
