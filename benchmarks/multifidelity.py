@@ -468,16 +468,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=None, help="default benchmarks/runs/multifidelity[_quick]")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; "
                    "with --quick the work folder)")
-    p.add_argument("--budget-s", type=float, default=None, help="training budget of each network (default 60 s)")
+    p.add_argument("--budget-s", type=float, default=None, help="training budget of each network (default 30 s)")
     p.add_argument("--low-budget-s", type=float, default=None,
-                   help="training budget of each case's shared low-level model (default 300 s)")
+                   help="training budget of each case's shared low-level model (default 240 s)")
     p.add_argument("--jobs", type=int, default=2, help="1-thread training processes at a time")
     p.add_argument("--label-workers", type=int, default=2, help="processes computing labels")
     p.add_argument("--quick", action="store_true", help="N_high = 20, one seed, 10/20 s budgets, small test sets")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.budget_s = args.budget_s or (10.0 if args.quick else 60.0)
-    args.low_budget_s = args.low_budget_s or (20.0 if args.quick else 300.0)
+    # the whole grid (142 networks, two at a time) and the MP2 labels fit about two hours
+    # of this 2-core machine with these budgets
+    args.budget_s = args.budget_s or (10.0 if args.quick else 30.0)
+    args.low_budget_s = args.low_budget_s or (20.0 if args.quick else 240.0)
     stem = "multifidelity_quick" if args.quick else "multifidelity"
     args.work_dir = args.work_dir or (common.DEFAULT_WORK / stem)
 
