@@ -71,11 +71,14 @@ SAMPLING_HIGH = 0.25  # share of training draws from the high-level frames (mult
 
 
 # ---- protocol ---------------------------------------------------------------------------------
-def grid(quick: bool) -> list[tuple[int, int]]:
+N_HIGH = (50, 100, 200, 500)
+
+
+def grid(quick: bool, n_high: tuple[int, ...] = N_HIGH) -> list[tuple[int, int]]:
     """(N_high, seed) pairs: N = 100 with three seeds, the others with one."""
     if quick:
         return [(20, 0)]
-    return [(50, 0), (100, 0), (100, 1), (100, 2), (200, 0), (500, 0)]
+    return [(n, s) for n, s in [(50, 0), (100, 0), (100, 1), (100, 2), (200, 0), (500, 0)] if n in n_high]
 
 
 def high_subset(n_pool: int, n_high: int, seed: int) -> np.ndarray:
@@ -141,10 +144,10 @@ def case_frames(case: str, data_dir: Path, quick: bool) -> dict[str, Any]:
     return {"low": ds[low_idx], "high_pool": ds[high_pool], "test": test}
 
 
-def needed_labels(case: str, frames: dict, quick: bool) -> list[tuple[str, list, bool]]:
+def needed_labels(case: str, frames: dict, quick: bool, n_high=N_HIGH) -> list[tuple[str, list, bool]]:
     """(level, frames, forces) the case needs from the store."""
     if case == "rmd17_mp2_ethanol":
-        idx = sorted({int(i) for n, s in grid(quick) for i in high_subset(len(frames["train"]), n, s)})
+        idx = sorted({int(i) for n, s in grid(quick, n_high) for i in high_subset(len(frames["train"]), n, s)})
         # E+F for the high frames: the ceiling (sf_energy_forces) trains on their forces
         return [(MP2, [frames["train"][i] for i in idx], True), (MP2, list(frames["test"]), True)]
     if case.startswith("rmd17_xtb"):
@@ -197,13 +200,14 @@ def merged(low_ds, high_ds, high: str, forces: bool = False):
 
 
 # ---- labels ------------------------------------------------------------------------------------
-def compute_labels(cases: list[str], data_dir: Path, store: Path, quick: bool, workers: int) -> dict[str, Any]:
+def compute_labels(cases: list[str], data_dir: Path, store: Path, quick: bool, workers: int,
+                   n_high=N_HIGH) -> dict[str, Any]:
     from polyfid.label import label_frames
 
     out = {}
     for case in cases:
         fr = case_frames(case, data_dir, quick)
-        for level, frames, forces in needed_labels(case, fr, quick):
+        for level, frames, forces in needed_labels(case, fr, quick, n_high):
             t0 = time.perf_counter()
             rep = label_frames(frames, level, store, forces=forces, workers=workers)
             print(f"  [{case}] {rep}  ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -313,11 +317,11 @@ def low_as_high(case: str, args, n_high: int, seed: int) -> dict[str, Any]:
 
 
 # ---- scheduling ---------------------------------------------------------------------------------
-def jobs_for(cases: list[str], quick: bool) -> list[dict[str, Any]]:
+def jobs_for(cases: list[str], quick: bool, n_high=N_HIGH) -> list[dict[str, Any]]:
     jobs = []
     for case in cases:
         jobs.append({"case": case, "strategy": "low"})
-        for n, s in grid(quick):
+        for n, s in grid(quick, n_high):
             for strat in TRAINED:
                 if strat == "delta" and case == "pyseqm":
                     continue  # no configuration carries both levels
@@ -374,7 +378,10 @@ def aggregate(work: Path, cases: list[str], args) -> dict[str, Any]:
     frags = [json.loads(p.read_text()) for p in sorted((work / "fragments").glob("*.json"))]
     result: dict[str, Any] = {}
     for case in cases:
+        done = {(f["n_high"], f["seed"]) for f in frags if f["case"] == case and f["strategy"] != "low"}
         for n, s in grid(args.quick):
+            if (n, s) not in done:
+                continue
             frags.append(low_as_high(case, args, n, s))
         per: dict[int, dict[str, list]] = {}
         for f in frags:
@@ -474,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="1-thread training processes at a time")
     p.add_argument("--label-workers", type=int, default=2, help="processes computing labels")
     p.add_argument("--quick", action="store_true", help="N_high = 20, one seed, 10/20 s budgets, small test sets")
+    p.add_argument("--n-high", type=int, nargs="+", default=list(N_HIGH), choices=N_HIGH,
+                   help="the N_high values to run (labels and jobs); the report shows every one done so far")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     # the whole grid (142 networks, two at a time) and the MP2 labels fit about two hours
@@ -499,10 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     label_info = None
     if args.phase in ("labels", "all"):
         print(f"labels -> {args.store}", flush=True)
-        label_info = compute_labels(args.cases, args.data_dir, args.store, args.quick, args.label_workers)
+        label_info = compute_labels(args.cases, args.data_dir, args.store, args.quick, args.label_workers,
+                                    tuple(args.n_high))
     t_labels = time.perf_counter() - t0
     if args.phase in ("train", "all"):
-        run_jobs(args, jobs_for(args.cases, args.quick))
+        run_jobs(args, jobs_for(args.cases, args.quick, tuple(args.n_high)))
     if args.phase in ("report", "train", "all"):
         result = aggregate(Path(args.work_dir), args.cases, args)
         update: dict[str, Any] = {"device": "cpu", **result, "checks": checks(result),
