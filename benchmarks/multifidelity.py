@@ -317,12 +317,13 @@ def low_as_high(case: str, args, n_high: int, seed: int) -> dict[str, Any]:
 
 
 # ---- scheduling ---------------------------------------------------------------------------------
-def jobs_for(cases: list[str], quick: bool, n_high=N_HIGH) -> list[dict[str, Any]]:
+def jobs_for(cases: list[str], quick: bool, n_high=N_HIGH, strategies=tuple(TRAINED)) -> list[dict[str, Any]]:
     jobs = []
     for case in cases:
-        jobs.append({"case": case, "strategy": "low"})
+        if set(strategies) - {"sf_energy", "sf_energy_forces"}:
+            jobs.append({"case": case, "strategy": "low"})
         for n, s in grid(quick, n_high):
-            for strat in TRAINED:
+            for strat in strategies:
                 if strat == "delta" and case == "pyseqm":
                     continue  # no configuration carries both levels
                 jobs.append({"case": case, "strategy": strat, "n_high": n, "seed": s})
@@ -420,7 +421,7 @@ def checks(result: dict[str, Any]) -> dict[str, Any]:
     mf = ("multi_head", "embedding", "delta", "transfer")
     for case, per in result.items():
         r = per.get("100")
-        if not r or "sf_energy" not in r:
+        if not r or "sf_energy" not in r or not any(s in r for s in mf):
             continue
         best = min((s for s in mf if s in r), key=lambda s: r[s]["force_mae_meV_A"])
         out[f"{case}_best_mf_at_100"] = best
@@ -483,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="N_high = 20, one seed, 10/20 s budgets, small test sets")
     p.add_argument("--n-high", type=int, nargs="+", default=list(N_HIGH), choices=N_HIGH,
                    help="the N_high values to run (labels and jobs); the report shows every one done so far")
+    p.add_argument("--strategies", nargs="+", default=TRAINED, choices=TRAINED,
+                   help="the trained strategies to run (e.g. the baselines alone at another --budget-s, "
+                   "with another --work-dir)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     # the whole grid (142 networks, two at a time) and the MP2 labels fit about two hours
@@ -512,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                                     tuple(args.n_high))
     t_labels = time.perf_counter() - t0
     if args.phase in ("train", "all"):
-        run_jobs(args, jobs_for(args.cases, args.quick, tuple(args.n_high)))
+        run_jobs(args, jobs_for(args.cases, args.quick, tuple(args.n_high), tuple(args.strategies)))
     if args.phase in ("report", "train", "all"):
         result = aggregate(Path(args.work_dir), args.cases, args)
         update: dict[str, Any] = {"device": "cpu", **result, "checks": checks(result),
