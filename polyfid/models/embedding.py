@@ -44,19 +44,13 @@ class FidelityEmbeddingPotential(Potential):
             return e_atom.sum().reshape(1)
         return e_atom.new_zeros(batch.n_frames).index_add_(0, batch.frame, e_atom)
 
-    def _columns(self, heads, energy_heads) -> list[int]:
-        want = energy_heads if energy_heads is not None else heads
-        cols = set(range(len(self.fidelities))) if want is None else set(want)
-        return sorted(cols | set(heads or []))
-
-    def energies(self, batch, positions, cell, heads: Sequence[int] | None = None) -> torch.Tensor:
+    def energies(self, batch, positions, cell) -> torch.Tensor:
+        """Energies (B, H) of every fidelity, one network pass each (the autograd path)."""
         idx, x, geom = self._geometry(batch, positions, cell)
-        cols = self._columns(heads, None)
-        out = [None] * len(self.fidelities)
-        for h in cols:
+        out: list[torch.Tensor | None] = [None] * len(self.fidelities)
+        for h in range(len(self.fidelities)):
             out[h] = self._head_energy(self.representation(self._inputs(x, h), geom), idx, batch, h)
-        zero = next(o for o in out if o is not None).new_zeros(batch.n_frames)
-        return torch.stack([o if o is not None else zero for o in out], dim=1)
+        return torch.stack(out, dim=1)
 
     def forward(
         self,
@@ -75,7 +69,7 @@ class FidelityEmbeddingPotential(Potential):
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
             idx, x, geom = self._geometry(batch, batch.positions, batch.cell, idx)
             deriv = list(range(len(self.fidelities))) if heads is None else list(heads)
-            cols = self._columns(deriv, energy_heads if energy_heads is not None else heads)
+            cols = sorted(set(deriv) | set(energy_heads if energy_heads is not None else deriv))
             sizes = self.representation.feature_sizes
             energy = [None] * len(self.fidelities)
             grads: dict[int, tuple] = {}

@@ -100,6 +100,7 @@ class Trainer:
         self.state = TrainState(lr=cfg.lr)
         self._writer = None
         self._last_checkpoint = -float("inf")
+        self._weight_cache: dict[bool, dict[str, torch.Tensor]] = {}
 
     # ---- schedule ---------------------------------------------------------------------
     def progress_fraction(self, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -114,19 +115,22 @@ class Trainer:
             return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + math.cos(math.pi * frac))
         return self.state.lr
 
-    def _weights(self, frac: float, fidelities: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Loss weights per term, one per fidelity column (of the training data by default)."""
+    def _weights(self, frac: float) -> dict[str, torch.Tensor]:
+        """Loss weights per term, one per fidelity column of the training data; built once
+        per phase (before / during the final energy weighting), not every step."""
         c = self.cfg
-        fidelities = self.train.fidelities if fidelities is None else fidelities
-        e = c.energy_weight
-        if c.final_energy_weight is not None and frac >= 1.0 - c.final_fraction:
-            e = c.final_energy_weight
-        base = {"energy": e, "forces": c.force_weight, "stress": c.stress_weight}
-        out = {}
-        for key, w in base.items():
-            per = [w * float(c.fidelity_weights.get(f, {}).get(key, 1.0)) for f in fidelities]
-            out[key] = torch.tensor(per, dtype=torch.float64 if key == "energy" else self.dtype, device=self.device)
-        return out
+        final = c.final_energy_weight is not None and frac >= 1.0 - c.final_fraction
+        cached = self._weight_cache.get(final)
+        if cached is None:
+            base = {"energy": c.final_energy_weight if final else c.energy_weight,
+                    "forces": c.force_weight, "stress": c.stress_weight}
+            cached = {}
+            for key, w in base.items():
+                per = [w * float(c.fidelity_weights.get(f, {}).get(key, 1.0)) for f in self.train.fidelities]
+                dtype = torch.float64 if key == "energy" else self.dtype
+                cached[key] = torch.tensor(per, dtype=dtype, device=self.device)
+            self._weight_cache[final] = cached
+        return cached
 
     # ---- one epoch --------------------------------------------------------------------
     def _needs(self) -> tuple[bool, bool]:
