@@ -5,9 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from polyfid.cli import config_cmd, data_cmd, demo_cmd, evaluate_cmd, predict_cmd, train_cmd
+from polyfid.cli import (
+    config_cmd,
+    data_cmd,
+    demo_cmd,
+    diagnose_cmd,
+    evaluate_cmd,
+    label_cmd,
+    predict_cmd,
+    sample_cmd,
+    train_cmd,
+)
 
-COMMANDS = [train_cmd, evaluate_cmd, predict_cmd, data_cmd, config_cmd, demo_cmd]
+COMMANDS = [train_cmd, evaluate_cmd, predict_cmd, data_cmd, sample_cmd, label_cmd, diagnose_cmd, config_cmd, demo_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,11 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from polyfid.data.errors import DataError
+    from polyfid.label.levels import LevelError
+    from polyfid.sample.structures import SourceError
     from polyfid.train.config import ConfigError
 
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError, FileNotFoundError, KeyError) as e:
+    except (DataError, ConfigError, LevelError, SourceError, FileNotFoundError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"polyfid {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -63,3 +63,16 @@ def nested_subsets(indices: Sequence[int] | np.ndarray, sizes: Sequence[int], se
         raise DataError(f"nested_subsets: size(s) {bad} outside 0..{len(indices)}")
     perm = indices[np.random.default_rng(seed).permutation(len(indices))]
     return [np.sort(perm[: int(s)]) for s in sizes]
+
+
+def parse_slice(text: str, where: str = "") -> slice:
+    """A Python slice from text: ``'0:100'``, ``'::10'``, or one index ``'5'``; `where` names the
+    file or option in the error."""
+    try:
+        parts = [int(p) if p.strip() else None for p in text.split(":")]
+        if len(parts) == 1:
+            return slice(parts[0], parts[0] + 1 if parts[0] != -1 else None)
+        return slice(*parts)
+    except (TypeError, ValueError):
+        raise DataError(f"{where + ': ' if where else ''}select {text!r} is not a slice such as '0:100' or '::10'") \
+            from None

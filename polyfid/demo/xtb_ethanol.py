@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,66 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from polyfid.sample.md import one_thread, run_md, single_point, snapshot, thermalize, xtb_calculator
 
 #: fidelity name of the demo's labels
 FIDELITY = "gfn2_xtb"
 METHOD = "GFN2-xTB"
-
-
-# ---- labelling ------------------------------------------------------------------------------
-def xtb_calculator(method: str = METHOD):
-    """tblite's ASE calculator, silent (run_md and single_point call it inside :func:`one_thread`)."""
-    from tblite.ase import TBLite
-
-    return TBLite(method=method, verbosity=0)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run tblite on one OpenMP thread (the molecules are tiny).
-
-    tblite and torch both load ``libgomp.so.1``; once torch is loaded, tblite shares its OpenMP
-    runtime, so OMP_NUM_THREADS set later has no effect and tblite runs with torch's thread
-    count, whose spin-waiting threads slow it down many times on a busy machine. The thread
-    count of the calling thread is set to 1 here and restored afterwards.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def single_point(atoms, calc) -> tuple[float, np.ndarray]:
-    """Energy (eV) and forces (eV/Å) of `atoms` with `calc` (atoms are not modified)."""
-    a = atoms.copy()
-    a.calc = calc
-    with one_thread():
-        return float(a.get_potential_energy()), np.array(a.get_forces())
-
-
-def thermalize(atoms, temperature_K: float, rng: np.random.Generator) -> None:
-    """Maxwell-Boltzmann momenta at `temperature_K`, without centre-of-mass motion or rotation."""
-    from ase.md.velocitydistribution import Stationary, ZeroRotation
-
-    try:
-        from ase.md.velocitydistribution import thermalize_momenta  # ASE >= 3.29
-    except ImportError:  # older ASE
-        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
-    thermalize_momenta(atoms, temperature_K=temperature_K, rng=rng)
-    Stationary(atoms)
-    ZeroRotation(atoms)
-
-
-def _snapshot(atoms, energy: float, forces: np.ndarray, info: dict[str, Any]):
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    a = atoms.copy()
-    a.info.update(info)
-    a.calc = SinglePointCalculator(a, energy=energy, forces=forces)
-    return a
 
 
 # ---- data generation ------------------------------------------------------------------------
@@ -99,46 +44,6 @@ class MDSettings:
     timestep_fs: float = 0.5
     friction_per_fs: float = 0.02
     seed: int = 0
-
-
-def run_md(
-    temperature_K: float,
-    n_frames: int,
-    stride: int = 10,
-    equilibration: int = 200,
-    timestep_fs: float = 0.5,
-    friction_per_fs: float = 0.02,
-    seed: int = 0,
-    calc=None,
-    atoms=None,
-) -> list:
-    """Langevin MD of `atoms` (default: ethanol) at `temperature_K` with xTB forces; returns
-    `n_frames` ASE Atoms, one every `stride` steps after `equilibration` steps, each with a
-    SinglePointCalculator holding its xTB energy (eV) and forces (eV/Å) and ``info`` keys
-    ``temperature_K``, ``seed``, ``md_step``. Reproducible: the RNG is seeded by (seed, T)."""
-    from ase import units
-    from ase.build import molecule
-    from ase.md.langevin import Langevin
-
-    atoms = molecule("CH3CH2OH") if atoms is None else atoms.copy()
-    atoms.calc = calc if calc is not None else xtb_calculator()
-    rng = np.random.default_rng([int(seed), int(round(temperature_K))])
-    thermalize(atoms, temperature_K, rng)
-    dyn = Langevin(
-        atoms, timestep_fs * units.fs, temperature_K=temperature_K, friction=friction_per_fs / units.fs,
-        fixcm=False, rng=rng,
-    )
-    frames = []
-    info = {"temperature_K": float(temperature_K), "seed": int(seed)}
-    with one_thread():
-        if equilibration:
-            dyn.run(equilibration)
-        for k in range(n_frames):
-            dyn.run(stride)
-            step = equilibration + (k + 1) * stride
-            e, f = atoms.get_potential_energy(), atoms.get_forces()
-            frames.append(_snapshot(atoms, float(e), np.array(f), info | {"md_step": step}))
-    return frames
 
 
 def generate(path: str | Path, settings: MDSettings, calc=None) -> list:
@@ -255,7 +160,7 @@ def md_check(model, start_atoms, s: DemoSettings, calc_xtb, out: Path) -> dict[s
         e_tot.append(float(atoms.get_potential_energy() + atoms.get_kinetic_energy()))
         temps.append(float(atoms.get_temperature()))
         if dyn.nsteps % s.check_every == 0:
-            snaps.append(_snapshot(atoms, float(atoms.get_potential_energy()), atoms.get_forces(),
+            snaps.append(snapshot(atoms, float(atoms.get_potential_energy()), atoms.get_forces(),
                                    {"md_step": int(dyn.nsteps)}))
 
     dyn.attach(record, interval=1)

@@ -71,8 +71,11 @@ def frame_key(frame: Frame) -> str:
 class LabelStore:
     """Labels per (structure, level) in an SQLite file; safe to kill at any moment."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        """Open (or with `create`, create) the store at `path`."""
         self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise DataError(f"{self.path}: no label store there")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._con = sqlite3.connect(self.path, timeout=60.0)
         self._con.execute("PRAGMA journal_mode=WAL")
@@ -143,6 +146,15 @@ class LabelStore:
             return None
         f = None if row[2] is None else np.frombuffer(row[2], dtype=np.float64).reshape(-1, 3).copy()
         return float(row[1]), f
+
+    def timings(self, level: str, forces: bool = False) -> list[tuple[int, float]]:
+        """(n_atoms, seconds) of the successful calculations at `level`, with forces if asked,
+        else those without (or, when there are none, all)."""
+        q = "SELECT length(numbers) / 8, seconds FROM labels WHERE level = ? AND status = 'ok' AND seconds > 0"
+        rows = list(self._con.execute(q + f" AND forces IS {'NOT ' if forces else ''}NULL", (level,)))
+        if not rows and not forces:
+            rows = list(self._con.execute(q, (level,)))
+        return [(int(n), float(t)) for n, t in rows]
 
     def failures(self, level: str | None = None) -> list[tuple[str, str, str]]:
         """(key, level, reason) of every failed calculation."""

@@ -103,8 +103,9 @@ class TrainingConfig:
     num_threads: int | None = opt(None, "torch CPU threads (null: torch's default)")
     eval_every: int = opt(1, "validate every this many epochs")
     checkpoint_interval_s: float = opt(
-        0.0, "seconds between checkpoints (0: every epoch); the last epoch is always written. Resuming "
-        "continues from the last checkpoint, so this bounds the work a kill can cost"
+        30.0, "seconds between checkpoints (0: every epoch); the last epoch is always written. Resuming "
+        "continues from the last checkpoint, so this bounds the work a kill can cost; writing one every "
+        "epoch of a small data set costs more than the training"
     )
     device: str = opt("cpu", "torch device, e.g. cpu or cuda")
 

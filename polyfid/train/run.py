@@ -18,27 +18,17 @@ from polyfid.data.batch import PackedData
 from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
 from polyfid.data.readers import read
-from polyfid.data.splits import split_indices
+from polyfid.data.splits import parse_slice, split_indices
 from polyfid.models import DeltaPotential, Potential
 from polyfid.train.config import Config, DataConfig, DatasetSpec, load_config
 from polyfid.train.strategies import DTYPES, fit_strategy
-
-
-def _slice(text: str, where: str) -> slice:
-    try:
-        parts = [int(p) if p.strip() else None for p in text.split(":")]
-        if len(parts) == 1:
-            return slice(parts[0], parts[0] + 1 if parts[0] != -1 else None)
-        return slice(*parts)
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: select {text!r} is not a slice such as '0:100' or '::10'") from None
 
 
 def load_spec(spec: DatasetSpec) -> Dataset:
     """Read one configured data set, apply `select` and `use`."""
     ds = read(spec.path, format=spec.format, fidelity=spec.fidelity, **spec.options)
     if spec.select:
-        ds = ds[_slice(spec.select, spec.path)]
+        ds = ds[parse_slice(spec.select, spec.path)]
     for fid in ds.fidelities:
         ds.select_labels(fid, spec.use)
     return ds

@@ -99,3 +99,124 @@ def test_structure_key_rounds_and_separates() -> None:
     assert structure_key(fr.numbers, fr.positions + 1e-10) == k
     assert structure_key(fr.numbers, fr.positions + 1e-6) != k
     assert structure_key(fr.numbers, fr.positions, charge=1, multiplicity=2) != k
+
+
+def water_frames(n: int) -> list[Frame]:
+    rng = np.random.default_rng(0)
+    base = molecule("H2O").positions
+    return [Frame([8, 1, 1], base + rng.normal(scale=0.04, size=base.shape), source=f"w{i}") for i in range(n)]
+
+
+def test_open_shell_structures_use_their_multiplicity(tmp_path) -> None:
+    from pyscf import gto, scf
+
+    oh = Frame([8, 1], np.array([[0.0, 0, 0], [0.0, 0, 0.97]]), source="OH", multiplicity=2)
+    label_frames([oh], "hf/sto-3g", tmp_path / "s.sqlite", progress=False)
+    mol = gto.M(atom="O 0 0 0; H 0 0 0.97", basis="sto-3g", spin=1, verbose=0)
+    with LabelStore(tmp_path / "s.sqlite") as st:
+        e, _ = st.get(oh, "hf/sto-3g")
+    assert abs(e / Hartree - scf.UHF(mol).run().e_tot) < 1e-6
+
+
+def test_cost_estimate_times_a_sample_and_keeps_its_results(tmp_path) -> None:
+    from polyfid.label import estimate_cost
+
+    frames = water_frames(5)
+    store = tmp_path / "s.sqlite"
+    est = estimate_cost(frames, "hf/sto-3g", store, sample=2, workers=2)
+    assert (est.todo, est.cached, est.measured) == (3, 2, 2)
+    assert est.seconds_per_structure > 0 and est.seconds == pytest.approx(3 * est.seconds_per_structure / 2)
+    assert "3 structures to compute" in str(est)
+    rep = label_frames(frames, "hf/sto-3g", store, progress=False)
+    assert (rep.computed, rep.cached) == (3, 2)
+
+
+def test_store_reads_back_through_the_data_layer(tmp_path) -> None:
+    from polyfid.data.errors import DataError
+    from polyfid.data.readers import read
+
+    frames = water_frames(3)
+    store = tmp_path / "labels.sqlite"
+    label_frames(frames, "gfn2-xtb", store, forces=True, progress=False)
+    label_frames(frames[:1], "hf/sto-3g", store, progress=False)
+    ds = read(store)
+    assert len(ds) == 3 and set(ds.fidelities) == {"gfn2-xtb", "hf_sto-3g"}
+    assert ds.count("hf_sto-3g", "energy") == 1 and ds.count("gfn2-xtb", "forces") == 3
+    only = read(store, fidelity="hf/sto-3g")
+    assert len(only) == 1 and only.fidelities == ["hf_sto-3g"]
+    with pytest.raises(DataError, match="not in the label store"):
+        read(store, fidelity="mp2/sto-3g")
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("not a database\n" * 100)
+    with pytest.raises(DataError, match="junk.sqlite: not a polyfid label store"):
+        read(junk)
+
+
+def test_a_killed_labelling_run_resumes_without_recomputing(tmp_path) -> None:
+    """SIGKILL to a real `polyfid label` process (and its workers) mid-run; the rerun computes
+    only the rest, every finished row is untouched, the SQLite file is intact."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    import ase.io
+    from ase import Atoms
+
+    frames = water_frames(24)
+    xyz = tmp_path / "w.extxyz"
+    ase.io.write(xyz, [Atoms(numbers=f.numbers, positions=f.positions) for f in frames], format="extxyz")
+    store = tmp_path / "s.sqlite"
+    cmd = [sys.executable, "-m", "polyfid.cli.main", "label", str(xyz), "--level", "mp2/cc-pvdz",
+           "--store", str(store), "--workers", "1", "--sample", "0", "--no-progress"]
+
+    def rows() -> dict[str, float]:
+        if not store.exists():
+            return {}
+        con = sqlite3.connect(store, timeout=30)
+        try:
+            return dict(con.execute("SELECT key, created FROM labels WHERE status = 'ok'"))
+        except sqlite3.OperationalError:  # table not created yet
+            return {}
+        finally:
+            con.close()
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.time()
+    while len(rows()) < 3:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() - t0 < 120, "no results after 120 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = rows()
+    assert 3 <= len(before) < 24, f"{len(before)} finished: the kill was not mid-run"
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{24 - len(before)} computed, {len(before)} already in the store, 0 failed" in done.stdout
+    after = rows()
+    assert len(after) == 24
+    assert all(after[k] == t for k, t in before.items())  # finished rows were not recomputed
+    con = sqlite3.connect(store)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    with LabelStore(store) as st:
+        e, _ = st.get(frames[5], "mp2/cc-pvdz")
+    assert abs(e - compute("mp2/cc-pvdz", frames[5].numbers, frames[5].positions)[0]) < 1e-6 * Hartree
+
+
+def test_local_dask_cluster_labels_across_two_workers(tmp_path) -> None:
+    pytest.importorskip("dask.distributed", reason="dask[distributed] is not installed (pip install polyfid[cluster])")
+    from polyfid.label.cluster import dask_executor
+
+    frames = water_frames(8)
+    with dask_executor("local", workers=2) as ex:
+        rep = label_frames(frames, "mp2/cc-pvdz", tmp_path / "s.sqlite", executor=ex, progress=False)
+    assert rep.computed == 8 and not rep.failed
+    assert len(rep.workers) == 2 and sum(rep.workers.values()) == 8
+    with LabelStore(tmp_path / "s.sqlite") as st:
+        e, _ = st.get(frames[3], "mp2/cc-pvdz")
+    assert abs(e - compute("mp2/cc-pvdz", frames[3].numbers, frames[3].positions)[0]) < 1e-6 * Hartree

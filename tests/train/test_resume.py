@@ -36,7 +36,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path: Path, toy_xyz: Path) 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cfgs = {}
     for name in ("straight", "killed"):
-        cfg = tiny_config(toy_xyz, tmp_path / name, epochs=EPOCHS, scheduler="cosine", grad_clip=1.0)
+        cfg = tiny_config(toy_xyz, tmp_path / name, epochs=EPOCHS, scheduler="cosine", grad_clip=1.0,
+                          checkpoint_interval_s=0.0)
         cfgs[name] = tmp_path / f"{name}.yaml"
         cfgs[name].write_text(yaml.safe_dump(cfg))
 

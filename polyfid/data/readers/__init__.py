@@ -12,6 +12,7 @@ ase-db      ASE database (``ase.db``)                       ``.db``
 npz         sGDML / MD17 / revised MD17                     ``.npz``
 hdf5        ANI-style HDF5 (COMP6, ANI-1x)                  ``.h5``, ``.hdf5``
 pyseqm      PYSEQM folder of ``.npy`` files                 a folder holding ``Z.npy`` and ``R.npy``
+labels      polyfid label store (``polyfid label``)         ``.sqlite``
 qm22        QM-22 xyz (energy line, gradient columns)       ``.xyz`` whose second line is one number
 ==========  ==============================================  ==========================================
 """
@@ -26,6 +27,7 @@ from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
 from polyfid.data.readers.ase_io import read_ase, read_ase_db
 from polyfid.data.readers.hdf5 import read_hdf5
+from polyfid.data.readers.label_store import read_label_store
 from polyfid.data.readers.npz import read_npz
 from polyfid.data.readers.pyseqm import read_pyseqm
 from polyfid.data.readers.qm22 import read_qm22
@@ -39,9 +41,10 @@ READERS: dict[str, Callable[..., Dataset]] = {
     "hdf5": read_hdf5,
     "pyseqm": read_pyseqm,
     "qm22": read_qm22,
+    "labels": read_label_store,
 }
 
-_SUFFIXES = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".db": "ase-db"}
+_SUFFIXES = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".db": "ase-db", ".sqlite": "labels"}
 
 
 def _looks_like_qm22(path: Path) -> bool:
@@ -124,5 +127,6 @@ __all__ = [
     "read_hdf5",
     "read_npz",
     "read_pyseqm",
+    "read_label_store",
     "read_qm22",
 ]

@@ -89,6 +89,14 @@ def _labels(
     return Labels(**values)
 
 
+def frame_from_atoms(atoms, source: str = "") -> Frame:
+    """The structure of ASE `atoms` as a Frame without labels (charge and multiplicity from
+    ``atoms.info``), e.g. to label it."""
+    fr = _atoms_frame(atoms, Labels(), "_", source)
+    fr.labels = {}
+    return fr
+
+
 def _atoms_frame(atoms, labels: Labels, fidelity: str, source: str) -> Frame:
     cell = None if atoms.cell.rank == 0 else np.array(atoms.cell[:])
     info = atoms.info

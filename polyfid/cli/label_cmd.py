@@ -1,0 +1,102 @@
+"""polyfid label STRUCTURES... --level LEVEL [--store S] [--forces] [--workers N | --dask ADDR]"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "label",
+        help="compute energies (and forces) at a level of theory into a resumable label store",
+        description="Label structures (any file the data layer reads) at LEVEL: gfn1-xtb, gfn2-xtb (tblite) or "
+        "METHOD/BASIS for PySCF (hf, mp2, ccsd, ccsd(t) or a DFT functional: pbe/def2-svp, b3lyp/6-31g*). "
+        "Charge and multiplicity come from each structure's info (charge, multiplicity), else the options. "
+        "Results go to the store as each calculation finishes; run the same command again after an "
+        "interruption and only what is missing is computed. The store reads back as a data set "
+        "(path ending in .sqlite in a training config, or `polyfid data summary STORE`).",
+    )
+    p.add_argument("structures", nargs="+", help="structure files (extxyz, npz, h5, ...)")
+    p.add_argument("--level", required=True, help="level of theory, e.g. gfn2-xtb, mp2/cc-pvdz, pbe/def2-svp")
+    p.add_argument("--store", default="labels.sqlite", help="label store (SQLite; default labels.sqlite)")
+    p.add_argument("--forces", action="store_true", help="also compute forces (analytic gradients)")
+    p.add_argument("--select", help="frames to label from each file, a Python slice such as 0:100")
+    p.add_argument("--charge", type=int, help="charge of structures whose file gives none (default 0)")
+    p.add_argument("--multiplicity", type=int, help="spin multiplicity where the file gives none (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="OpenMP threads per worker (default 1)")
+    p.add_argument("--dask", metavar="ADDRESS",
+                   help="run on a Dask cluster: a scheduler address (tcp://host:8786) or 'local' for a local "
+                   "cluster of --workers processes")
+    p.add_argument("--sample", type=int, default=2,
+                   help="structures timed for the cost estimate before the run (0: no estimate; default 2)")
+    p.add_argument("--estimate-only", action="store_true", help="print the cost estimate and stop")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _frames(args) -> list:
+    from polyfid.data.readers import read
+    from polyfid.data.splits import parse_slice
+
+    frames = []
+    for path in args.structures:
+        ds = read(path)
+        chosen = ds.frames if not args.select else ds.frames[parse_slice(args.select, path)]
+        for fr in chosen:
+            if args.charge is not None and fr.charge == 0:
+                fr.charge = args.charge
+            if args.multiplicity is not None and fr.multiplicity == 1:
+                fr.multiplicity = args.multiplicity
+        frames += chosen
+    return frames
+
+
+def run(args) -> int:
+    from polyfid.label import LabelStore, LevelError, estimate_cost, label_frames, parse_level
+    from polyfid.label.cluster import executor_for
+
+    try:
+        level = parse_level(args.level).name
+    except LevelError as e:
+        print(f"polyfid label: error: {e}", file=sys.stderr)
+        return 2
+    frames = _frames(args)
+    print(f"{len(frames)} structures from {', '.join(args.structures)}; level {level}"
+          f"{' with forces' if args.forces else ''}; store {args.store}")
+    try:
+        with LabelStore(args.store) as store, executor_for(args.dask, args.workers, args.threads) as executor:
+            n_workers = args.workers if args.dask is None or args.dask == "local" else None
+            if args.sample > 0 or args.estimate_only:
+                est = estimate_cost(frames, level, store, forces=args.forces, sample=max(args.sample, 1),
+                                    workers=n_workers or _dask_workers(executor), threads_per_worker=args.threads,
+                                    executor=executor)
+                print(f"estimate: {est}", flush=True)
+                if args.estimate_only:
+                    return 0
+            report = label_frames(frames, level, store, forces=args.forces, workers=args.workers,
+                                  threads_per_worker=args.threads, executor=executor,
+                                  progress=not args.no_progress)
+            counts = store.counts().get(level, {"ok": 0, "failed": 0})
+    except LevelError as e:
+        print(f"polyfid label: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\npolyfid label: interrupted; every finished result is in {args.store}: run the same command "
+              "again to compute the rest", file=sys.stderr)
+        return 130
+    print(report)
+    for i, reason in report.failed[:20]:
+        print(f"  failed: {frames[i].source or i}: {reason}")
+    if len(report.failed) > 20:
+        print(f"  ... and {len(report.failed) - 20} more failures (not retried; they never enter training)")
+    print(f"store {args.store}: {level}: {counts['ok']} ok, {counts['failed']} failed")
+    return 0
+
+
+def _dask_workers(executor) -> int:
+    client = getattr(executor, "_client", None)
+    try:
+        return max(1, len(client.scheduler_info()["workers"])) if client is not None else 1
+    except Exception:  # an estimate only
+        return 1

@@ -1,0 +1,48 @@
+"""Reader for polyfid's label store (``polyfid label`` writes it): an SQLite file with one
+row per (structure, level of theory), energies in eV and forces in eV/Å already.
+
+Every structure with at least one successful label becomes one frame; its labels are keyed
+by fidelity name = level name with ``/`` replaced by ``_`` (``mp2/cc-pvdz`` → ``mp2_cc-pvdz``,
+so that names also work in file names). Failed calculations never enter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from polyfid.data.errors import DataError
+from polyfid.data.frame import Dataset
+
+
+def fidelity_name(level: str) -> str:
+    """The fidelity name of a label-store level (``mp2/cc-pvdz`` → ``mp2_cc-pvdz``)."""
+    return level.replace("/", "_")
+
+
+def read_label_store(path: str | Path, fidelity: str | Sequence[str] | None = None) -> Dataset:
+    """Read a label store; `fidelity`: level(s) to load, by level or fidelity name (default all)."""
+    import sqlite3
+
+    from polyfid.label.store import LabelStore
+
+    path = Path(path)
+    try:
+        with LabelStore(path, create=False) as st:
+            present = list(st.counts())
+            if fidelity is None:
+                levels = present
+            else:
+                wanted = [fidelity] if isinstance(fidelity, str) else list(fidelity)
+                by_name = {fidelity_name(lv): lv for lv in present} | {lv: lv for lv in present}
+                missing = [w for w in wanted if w not in by_name]
+                if missing:
+                    raise DataError(f"{path}: level(s) {missing} not in the label store; it holds {present}")
+                levels = [by_name[w] for w in wanted]
+            ds = st.dataset(levels)
+    except sqlite3.DatabaseError as e:
+        raise DataError(f"{path}: not a polyfid label store ({e})") from None
+    for lv in levels:
+        if fidelity_name(lv) != lv:
+            ds = ds.rename_fidelity(lv, fidelity_name(lv))
+    return ds

@@ -1,0 +1,50 @@
+"""Executors for labelling beyond one machine: Dask distributed.
+
+A Dask client provides a ``concurrent.futures`` executor (``client.get_executor()``), which
+:func:`polyfid.label.label_frames` takes as it takes a local process pool: the results still
+come back to this process, which alone writes the store. Install with ``pip install
+polyfid[cluster]`` (``dask[distributed]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from concurrent.futures import Executor
+
+
+@contextlib.contextmanager
+def dask_executor(address: str = "local", workers: int = 2, threads_per_worker: int = 1) -> Iterator[Executor]:
+    """A Dask executor: ``address`` is a scheduler (``tcp://host:8786``) or ``"local"`` for a
+    local cluster of `workers` processes, each running one calculation at a time with
+    `threads_per_worker` OpenMP threads."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError as e:
+        raise RuntimeError(f"labelling on a Dask cluster needs dask[distributed] ({e}); "
+                           "pip install 'polyfid[cluster]'") from None
+    if address == "local":
+        n = str(threads_per_worker)
+        env = {"OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                          env=env) as cluster, Client(cluster) as client:
+            yield client.get_executor()
+    else:
+        with Client(address) as client:
+            yield client.get_executor()
+
+
+@contextlib.contextmanager
+def executor_for(dask: str | None, workers: int = 1, threads_per_worker: int = 1) -> Iterator[Executor]:
+    """A local process pool, or a Dask executor when `dask` is given."""
+    if dask is None:
+        from polyfid.label.runner import local_executor
+
+        ex = local_executor(workers, threads_per_worker)
+        try:
+            yield ex
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+    else:
+        with dask_executor(dask, workers, threads_per_worker) as ex:
+            yield ex
