@@ -18,6 +18,8 @@ TRANSFORMS = ("x", "log", "sqrt", "x^2", "1/x")
 
 def _valid(kind: str, x: np.ndarray) -> bool:
     lo, hi = float(np.min(x)), float(np.max(x))
+    if kind != "x" and len(np.unique(x)) < 3:
+        return False  # a binary variable: any transform is an affine map of it (or a constant)
     if kind == "log":
         return lo > 0
     if kind == "sqrt":
