@@ -39,24 +39,35 @@ def _best_of(F: np.ndarray, y: np.ndarray, combos: np.ndarray) -> tuple[tuple[in
     return best, best_coef, best_rss
 
 
-def _refine(F: np.ndarray, y: np.ndarray, subset: tuple[int, ...], usable: np.ndarray):
-    """ℓ0 local search: replace one term at a time by any library column while that lowers the
-    squared error (screening can leave the right term out of the pool; a swap brings it back)."""
+def _refine(F: np.ndarray, y: np.ndarray, subset: tuple[int, ...], usable: np.ndarray, n_pair: int = 20):
+    """ℓ0 local search: replace one term by any library column, or two terms by one of the
+    `n_pair` columns most correlated with the residual and any other, while that lowers the error
+    (screening can leave the right terms out of the pool; swaps bring them back)."""
     cand = np.flatnonzero(usable)
+    Fz = (F[:, cand] - F[:, cand].mean(0)) / F[:, cand].std(0)
     best, coef, rss = _best_of(F, y, np.array([subset]))
     for _ in range(20):
-        improved = False
-        for k in range(len(best)):
+        trials = []
+        for k in range(len(best)):  # single swaps, whole library
             rest = [i for j, i in enumerate(best) if j != k]
             others = cand[~np.isin(cand, best)]
-            combos = np.column_stack([np.repeat([rest], len(others), axis=0), others]) if rest else others[:, None]
-            s, c, r = _best_of(F, y, combos)
-            if r < rss * (1 - 1e-9):
-                best, coef, rss, improved = tuple(sorted(s)), None, r, True
-                best, coef, rss = _best_of(F, y, np.array([best]))
-                break
-        if not improved:
+            trials.append(np.column_stack([np.repeat([rest], len(others), axis=0), others]) if rest
+                          else others[:, None])
+        if len(best) >= 2 and n_pair:  # pair swaps among the columns that explain the residual best
+            resid = y - coef[0] - F[:, list(best)] @ coef[1:]
+            top = cand[np.argsort(-np.abs(Fz.T @ (resid - resid.mean())))[:n_pair]]
+            top = top[~np.isin(top, best)]
+            others = cand[~np.isin(cand, best)]
+            pairs = np.array([(a, b) for a in top for b in others if a != b])
+            for k1, k2 in combinations(range(len(best)), 2):
+                rest = [i for j, i in enumerate(best) if j not in (k1, k2)]
+                if len(pairs):
+                    trials.append(np.column_stack([np.repeat([rest], len(pairs), axis=0), pairs]) if rest
+                                  else pairs)
+        s_new, _, r = _best_of(F, y, np.concatenate(trials))
+        if r >= rss * (1 - 1e-9):
             break
+        best, coef, rss = _best_of(F, y, np.array([tuple(sorted(s_new))]))
     return best, coef
 
 
@@ -64,8 +75,10 @@ def _rss(F, y, subset, coef) -> float:
     return float(((y - coef[0] - F[:, list(subset)] @ coef[1:]) ** 2).sum())
 
 
-def _path(F: np.ndarray, y: np.ndarray, max_dim: int, n_screen: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
-    """Best models of dimension 1..max_dim on (F, y)."""
+def _path(F: np.ndarray, y: np.ndarray, max_dim: int, n_screen: int,
+          pair_swaps: bool = True) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """Best models of dimension 1..max_dim on (F, y); pair swaps off: single swaps only (faster)."""
+    n_pair = 20 if pair_swaps else 0
     std = F.std(axis=0)
     usable = std > 1e-12
     Fz = np.where(usable, (F - F.mean(axis=0)) / np.where(usable, std, 1.0), 0.0)
@@ -83,12 +96,12 @@ def _path(F: np.ndarray, y: np.ndarray, max_dim: int, n_screen: int) -> list[tup
         if len(pool) < d:
             break
         subset, _ = _best_subset(F, y, pool, d)
-        subset, coef = _refine(F, y, subset, usable)
+        subset, coef = _refine(F, y, subset, usable, n_pair)
         # a second start: forward selection over the whole library (then the same swaps)
         others = cand[~np.isin(cand, greedy)]
         add = _best_of(F, y, np.column_stack([np.repeat([list(greedy)], len(others), axis=0), others])
                        if greedy else others[:, None])[0]
-        greedy, g_coef = _refine(F, y, tuple(add), usable)
+        greedy, g_coef = _refine(F, y, tuple(add), usable, n_pair)
         if _rss(F, y, greedy, g_coef) < _rss(F, y, subset, coef):
             subset, coef = greedy, g_coef
         models.append((subset, coef))
@@ -111,7 +124,8 @@ class SissoRegressor(RegressorMixin, BaseEstimator):
         errors = np.zeros(self.max_dim)
         counts = np.zeros(self.max_dim)
         for tr, te in KFold(self.cv, shuffle=True, random_state=self.random_state).split(F):
-            for d, (s, c) in enumerate(_path(F[tr], y[tr], self.max_dim, self.n_screen)):
+            # the inner folds only choose the dimension: single swaps suffice there
+            for d, (s, c) in enumerate(_path(F[tr], y[tr], self.max_dim, self.n_screen, pair_swaps=False)):
                 errors[d] += np.mean((y[te] - c[0] - F[te][:, list(s)] @ c[1:]) ** 2)
                 counts[d] += 1
         cv_mse = np.where(counts > 0, errors / np.maximum(counts, 1), np.inf)
