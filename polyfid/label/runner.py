@@ -65,6 +65,15 @@ class LabelReport:
         return s + (f"; first failure: frame {self.failed[0][0]}: {self.failed[0][1]}" if self.failed else "")
 
 
+def _todo(keys: Sequence[str], done: set[str]) -> dict[str, int]:
+    """{key: first index} of the structures not yet done (each distinct structure once)."""
+    todo: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k not in done and k not in todo:
+            todo[k] = i
+    return todo
+
+
 def label_frames(
     frames: Sequence[Frame],
     level: str,
@@ -93,10 +102,7 @@ def label_frames(
     try:
         done = st.done(lv.name, forces)
         keys = [frame_key(fr) for fr in frames]
-        todo: dict[str, int] = {}
-        for i, k in enumerate(keys):
-            if k not in done and k not in todo:
-                todo[k] = i
+        todo = _todo(keys, done)
         cached = len(frames) - len(todo)
         failed: list[tuple[int, str]] = []
         used: dict[str, int] = {}
@@ -228,12 +234,7 @@ def estimate_cost(
     own_store = not isinstance(store, LabelStore)
     st = LabelStore(store) if own_store else store
     try:
-        done = st.done(lv.name, forces)
-        todo: dict[str, int] = {}
-        for i, fr in enumerate(frames):
-            k = frame_key(fr)
-            if k not in done and k not in todo:
-                todo[k] = i
+        todo = _todo([frame_key(fr) for fr in frames], st.done(lv.name, forces))
         timings = st.timings(lv.name, forces)
         missing = max(0, sample - len(timings))
         if todo and missing:
