@@ -16,11 +16,13 @@ import torch
 
 from polyfid.models.delta import DeltaPotential
 from polyfid.models.embedding import FidelityEmbeddingPotential
+from polyfid.models.hiphop import HIPHOPNN
 from polyfid.models.hipnn import HIPNN
+from polyfid.models.hipnn_ts import HIPNNTS
 from polyfid.models.potential import Potential
 
 #: architecture name -> representation class; each takes n_species plus its own options
-ARCHITECTURES: dict[str, type[torch.nn.Module]] = {"hipnn": HIPNN}
+ARCHITECTURES: dict[str, type[torch.nn.Module]] = {"hipnn": HIPNN, "hipnn_ts": HIPNNTS, "hiphop": HIPHOPNN}
 
 MODEL_FORMAT = "polyfid-model"
 UNITS = {"energy": "eV", "forces": "eV/Å", "stress": "eV/Å³", "length": "Å"}
@@ -37,7 +39,11 @@ def build_potential(model_config: dict[str, Any], species: Sequence[int], fideli
     embed = int(cfg.pop("fidelity_embedding", 0) or 0)
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
-    rep = ARCHITECTURES[name](n_species=len(species) + embed, **cfg)
+    cfg = {k: v for k, v in cfg.items() if v is not None}  # unset architecture-specific options
+    try:
+        rep = ARCHITECTURES[name](n_species=len(species) + embed, **cfg)
+    except TypeError as e:
+        raise ValueError(f"architecture {name!r}: {e}") from None
     if embed:
         pot: Potential = FidelityEmbeddingPotential(rep, species, fidelities, embed)
     else:

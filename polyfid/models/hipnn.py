@@ -83,12 +83,17 @@ class HIPNN(nn.Module):
         self.act = act
         self.blocks = nn.ModuleList()
         for n_in, n_out in zip(self.feature_sizes[:-1], self.feature_sizes[1:]):
-            inter = Interaction(n_in, n_out, n_sensitivities, soft_min, soft_max, cutoff)
+            inter = self.make_interaction(n_in, n_out, n_sensitivities, soft_min, soft_max, cutoff)
             layers: list[nn.Module] = [Residual(inter, n_in, n_out, n_out, act) if resnet else inter]
             for _ in range(n_atom_layers):
                 lin = AtomLinear(n_out, n_out)
                 layers.append(Residual(lin, n_out, n_out, n_out, act) if resnet else lin)
             self.blocks.append(nn.ModuleList(layers))
+
+    def make_interaction(self, n_in: int, n_out: int, n_sens: int, soft_min: float, soft_max: float,
+                         cutoff: float) -> nn.Module:
+        """The interaction layer of one block (subclasses replace it)."""
+        return Interaction(n_in, n_out, n_sens, soft_min, soft_max, cutoff)
 
     def _radial(self, geom: PairGeometry, derivative: bool = False) -> list[torch.Tensor]:
         """1/r, φ_cut(r) [and φ'_cut(r)], shared by all interaction layers, padded layout (N·K, 1)."""

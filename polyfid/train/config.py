@@ -56,7 +56,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    architecture: str = opt("hipnn", "network architecture (hipnn)")
+    architecture: Literal["hipnn", "hipnn_ts", "hiphop"] = opt(
+        "hipnn", "network: hipnn, hipnn_ts (tensor sensitivities), hiphop (HIP-HOP-NN, Cartesian tensor invariants)"
+    )
     n_features: int = opt(128, "features per atom in each interaction block")
     n_sensitivities: int = opt(20, "number of distance sensitivity functions")
     soft_min: float = opt(0.85, "Å; centre of the innermost sensitivity")
@@ -66,6 +68,9 @@ class ModelConfig:
     n_atom_layers: int = opt(3, "on-site layers after each interaction layer")
     resnet: bool = opt(True, "residual blocks, as in hippynn")
     activation: Literal["softplus", "silu", "tanh", "gelu"] = opt("softplus", "activation function")
+    l_max: int | None = opt(None, "hipnn_ts, hiphop: highest tensor order (hipnn_ts 1-2, default 2; hiphop 1-3, "
+                            "default 3)")
+    max_tensors: int | None = opt(None, "hiphop: most tensors multiplied in one invariant (1-4, default 4)")
 
 
 @dataclass

@@ -18,6 +18,10 @@ from polyfid.models import ARCHITECTURES, DeltaPotential, build_potential
 SMALL = {
     "hipnn": {"n_features": 8, "n_sensitivities": 5, "soft_min": 0.7, "soft_max": 2.5, "cutoff": 3.0,
               "n_interactions": 2, "n_atom_layers": 1},
+    "hipnn_ts": {"n_features": 6, "n_sensitivities": 4, "soft_min": 0.7, "soft_max": 2.5, "cutoff": 3.0,
+                 "n_interactions": 2, "n_atom_layers": 1, "l_max": 2},
+    "hiphop": {"n_features": 5, "n_sensitivities": 4, "soft_min": 0.7, "soft_max": 2.5, "cutoff": 3.0,
+               "n_interactions": 2, "n_atom_layers": 1, "l_max": 3, "max_tensors": 4},
 }
 SPECIES = [1, 6, 8]
 
@@ -176,7 +180,7 @@ def test_explicit_gradient_matches_autograd(model):
     """Where an architecture writes out dE/d(pair vector), it equals autograd's, and so do
     the parameter gradients of a force loss (what training differentiates)."""
     if not model.explicit:
-        pytest.skip(f"{type(model.representation).__name__} uses autograd forces only")
+        pytest.skip(f"{type(model).__name__} of this architecture uses autograd forces only")
     rng = np.random.default_rng(7)
     frames = [Frame(*random_molecule(rng, n), {"a": Labels(energy=0.0)}) for n in (4, 6)]
     cell = np.diag([3.3, 3.6, 3.9])

@@ -1,0 +1,54 @@
+"""HIP-HOP-NN: HIP-NN on an optimal set of Cartesian tensor invariants (up to 5-body per neuron).
+
+Per channel a the interaction builds T^l_ia = Σ_j Σ_{ν,b} V^ν_ab s_ν(r_ij) Y^l(r̂_ij) z_jb for
+l = 0..l_max (≤ 3), then the invariants of DESIGN.md that use tensors of order ≤ l_max and at
+most `max_tensors` factors (13 at l_max = 3, max_tensors = 4: complete and functionally
+independent at generic points). Each invariant of degree k (k tensors multiplied) is
+normalised by x / (1 + x²)^((k−1)/2k), linear for small x and growing like |x|^(1/k): every
+invariant then scales like one tensor, smoothly, without batch statistics (which would break
+"energy of a batch = sum of its frames"). The invariants are mixed linearly into the
+pre-activation with the self term W z + B; the block's residual wrapper adds the skip.
+Forces by autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from polyfid.models.hipnn import HIPNN
+from polyfid.models.hipnn_ts import TensorEnvironment
+from polyfid.models.layers.geometry import PairGeometry
+from polyfid.models.layers.tensors import INVARIANTS, invariant_names, invariants, split_orders
+
+
+class InvariantInteraction(TensorEnvironment):
+    def __init__(self, n_in: int, n_out: int, n_sens: int, soft_min: float, soft_max: float, cutoff: float,
+                 l_max: int = 3, max_tensors: int = 4) -> None:
+        super().__init__(n_in, n_out, n_sens, soft_min, soft_max, cutoff, l_max)
+        self.names = invariant_names(l_max, max_tensors)
+        degree = torch.tensor([float(INVARIANTS[k][1]) for k in self.names])
+        self.register_buffer("power", ((degree - 1) / (2 * degree)).view(1, -1, 1), persistent=False)
+        self.mix = nn.Linear(len(self.names) * n_out, n_out, bias=False)
+        nn.init.xavier_normal_(self.mix.weight)
+
+    def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+        parts = split_orders(self.tensors(z, geom, inv_r, cut), self.l_max)
+        inv = invariants(parts, self.names)  # (N, I, A)
+        inv = inv / (1 + inv.square()).pow(self.power.to(inv.dtype))
+        return self.self_term(z) + self.mix(inv.flatten(1))
+
+
+class HIPHOPNN(HIPNN):
+    """HIP-HOP-NN representation: HIP-NN's options plus l_max (1..3) and max_tensors (1..4)."""
+
+    def __init__(self, n_species: int, l_max: int = 3, max_tensors: int = 4, **hipnn_options) -> None:
+        self.l_max, self.max_tensors = int(l_max), int(max_tensors)
+        super().__init__(n_species, **hipnn_options)
+
+    def make_interaction(self, n_in, n_out, n_sens, soft_min, soft_max, cutoff) -> nn.Module:
+        return InvariantInteraction(n_in, n_out, n_sens, soft_min, soft_max, cutoff, self.l_max, self.max_tensors)
+
+    @property
+    def has_explicit_gradient(self) -> bool:
+        return False  # forces by autograd

@@ -1,0 +1,78 @@
+"""HIP-NN-TS: HIP-NN with tensor sensitivities (Chigaev et al., J. Chem. Phys. 158, 184108, 2023).
+
+The interaction pre-activation of channel a gains the norms of the vector and quadrupole
+environments built with the same weights V:
+  c¹_a (‖Σ_{j,ν,b} V^ν_ab s_ν(r_ij) r̂_ij z_jb‖_ε) + c²_a (‖Σ_{j,ν,b} V^ν_ab s_ν(r_ij) (r̂r̂ − I/3)_ij z_jb‖_ε),
+with ‖x‖_ε = sqrt(|x|² + ε) − sqrt(ε), smooth at zero. Forces by autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from polyfid.models.hipnn import HIPNN, Interaction
+from polyfid.models.layers.geometry import PairGeometry
+from polyfid.models.layers.tensors import cartesian_harmonics, split_orders
+
+
+class TensorEnvironment(Interaction):
+    """Interaction whose environment also carries Cartesian tensors of order 1..l_max:
+    `tensors` gives T^l_ia = Σ_j Σ_{ν,b} V^ν_ab s_ν(r_ij) Y^l(r̂_ij) z_jb, (N, Σ 3^l, n_out)."""
+
+    def __init__(self, n_in: int, n_out: int, n_sens: int, soft_min: float, soft_max: float, cutoff: float,
+                 l_max: int) -> None:
+        super().__init__(n_in, n_out, n_sens, soft_min, soft_max, cutoff)
+        if not 1 <= l_max <= 3:
+            raise ValueError(f"l_max must be 1, 2 or 3, not {l_max}")
+        self.l_max = l_max
+
+    def tensors(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+        s = self.sensitivity(inv_r, cut)  # (N·K, n_sens), zero in pad slots
+        y = cartesian_harmonics(geom.pad(geom.vec / geom.r.unsqueeze(1)), self.l_max)  # (N·K, M)
+        m = y.shape[1]
+        env = geom.neighbor_sum((s.unsqueeze(2) * y.unsqueeze(1)).reshape(s.shape[0], -1), z)
+        n = z.shape[0]
+        env = env.view(n, self.n_in, self.n_sens, m).permute(0, 3, 1, 2).reshape(n * m, self.n_in * self.n_sens)
+        return (env @ self.weight.view(-1, self.n_out)).view(n, m, self.n_out)
+
+    def self_term(self, z: torch.Tensor) -> torch.Tensor:
+        si = self.self_interaction
+        return torch.addmm(si.bias, z, si.weight.t())
+
+
+def soft_norm(sq: torch.Tensor, eps: float) -> torch.Tensor:
+    """sqrt(sq + ε) − sqrt(ε): a norm from its square, smooth (finite gradient) at zero."""
+    return (sq + eps).sqrt() - eps**0.5
+
+
+class TensorSensitivityInteraction(TensorEnvironment):
+    def __init__(self, n_in: int, n_out: int, n_sens: int, soft_min: float, soft_max: float, cutoff: float,
+                 l_max: int = 2, eps: float = 1e-4) -> None:
+        super().__init__(n_in, n_out, n_sens, soft_min, soft_max, cutoff, min(l_max, 2))
+        self.eps = eps
+        self.coef = nn.Parameter(torch.full((self.l_max, n_out), 0.5))
+
+    def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+        parts = split_orders(self.tensors(z, geom, inv_r, cut), self.l_max)
+        out = self.self_term(z) + parts[0]
+        for l_ in range(1, self.l_max + 1):
+            sq = parts[l_].square().flatten(1, -2).sum(1)  # (N, A)
+            out = out + self.coef[l_ - 1] * soft_norm(sq, self.eps)
+        return out
+
+
+class HIPNNTS(HIPNN):
+    """HIP-NN-TS representation: HIP-NN's options plus l_max (1 or 2) tensor sensitivities."""
+
+    def __init__(self, n_species: int, l_max: int = 2, tensor_eps: float = 1e-4, **hipnn_options) -> None:
+        self.l_max, self.tensor_eps = int(l_max), float(tensor_eps)
+        super().__init__(n_species, **hipnn_options)
+
+    def make_interaction(self, n_in, n_out, n_sens, soft_min, soft_max, cutoff) -> nn.Module:
+        return TensorSensitivityInteraction(n_in, n_out, n_sens, soft_min, soft_max, cutoff, self.l_max,
+                                            self.tensor_eps)
+
+    @property
+    def has_explicit_gradient(self) -> bool:
+        return False  # forces by autograd

@@ -1,0 +1,92 @@
+"""Cartesian tensors of pair directions and their rotation invariants (HIP-NN-TS, HIP-HOP-NN).
+
+Y^0 = 1, Y^1 = r̂, Y^2 = r̂r̂ − I/3 (traceless, 5 dof), Y^3 = the symmetric traceless part of
+r̂r̂r̂ (7 dof): T_ijk = r̂_i r̂_j r̂_k − (r̂_i δ_jk + r̂_j δ_ik + r̂_k δ_ij)/5. Stored flat per pair,
+l = 0..l_max concatenated: widths 1, 3, 9, 27.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WIDTHS = (1, 3, 9, 27)
+
+
+def cartesian_harmonics(u: torch.Tensor, l_max: int) -> torch.Tensor:
+    """u: (P, 3) unit vectors (or zeros in padded slots)  ->  (P, Σ_{l≤l_max} 3^l)."""
+    cols = [torch.ones_like(u[:, :1])]
+    if l_max >= 1:
+        cols.append(u)
+    if l_max >= 2:
+        eye = torch.eye(3, dtype=u.dtype, device=u.device)
+        uu = u[:, :, None] * u[:, None, :]
+        # pad slots (u = 0) must stay 0 in every order: the −I/3 part is weighted by |u|²
+        norm2 = (u * u).sum(1)[:, None, None]
+        cols.append((uu - norm2 * eye / 3).reshape(-1, 9))
+    if l_max >= 3:
+        uuu = uu[:, :, :, None] * u[:, None, None, :]
+        ud = (u[:, :, None, None] * eye[None, None, :, :]  # u_i δ_jk
+              + u[:, None, :, None] * eye[None, :, None, :]  # u_j δ_ik
+              + u[:, None, None, :] * eye[None, :, :, None])  # u_k δ_ij
+        cols.append((uuu - norm2[..., None] * ud / 5).reshape(-1, 27))
+    return torch.cat(cols, dim=1)
+
+
+def split_orders(t: torch.Tensor, l_max: int) -> list[torch.Tensor]:
+    """(N, Σ 3^l, A) -> [s (N, A), v (N, 3, A), Q (N, 3, 3, A), T (N, 3, 3, 3, A)] up to l_max."""
+    out, start = [], 0
+    for l_ in range(l_max + 1):
+        w = WIDTHS[l_]
+        out.append(t[:, start:start + w].reshape((t.shape[0],) + (3,) * l_ + (t.shape[-1],)))
+        start += w
+    out[0] = out[0].reshape(t.shape[0], t.shape[-1])
+    return out
+
+
+#: name -> (orders used, number of tensors in the product); DESIGN.md's 13 invariants for l ≤ 3
+INVARIANTS: dict[str, tuple[tuple[int, ...], int]] = {
+    "s": ((0,), 1), "v.v": ((1,), 2), "Q:Q": ((2,), 2), "T:T": ((3,), 2), "trQ3": ((2,), 3),
+    "vQv": ((1, 2), 3), "TTQ": ((2, 3), 3), "vQQv": ((1, 2), 4), "Tvvv": ((1, 3), 4), "vTTv": ((1, 3), 4),
+    "b:b": ((3,), 4), "b:QQ": ((2, 3), 4), "e.e": ((2, 3), 4),
+}
+
+
+def invariant_names(l_max: int, max_tensors: int) -> list[str]:
+    """The invariants whose tensors all have order ≤ l_max and that multiply ≤ max_tensors."""
+    return [k for k, (orders, n) in INVARIANTS.items() if max(orders) <= l_max and n <= max_tensors]
+
+
+def invariants(tensors: list[torch.Tensor], names: list[str]) -> torch.Tensor:
+    """Per channel a: the named invariants of s, v, Q, T (as from `split_orders`)  ->  (N, len(names), A)."""
+    s = tensors[0]
+    v = tensors[1] if len(tensors) > 1 else None
+    q = tensors[2] if len(tensors) > 2 else None
+    t = tensors[3] if len(tensors) > 3 else None
+    cache: dict[str, torch.Tensor] = {}
+
+    def qq():
+        if "qq" not in cache:
+            cache["qq"] = torch.einsum("nija,njka->nika", q, q)
+        return cache["qq"]
+
+    def b():
+        if "b" not in cache:
+            cache["b"] = torch.einsum("nijka,nijla->nkla", t, t)
+        return cache["b"]
+
+    f = {
+        "s": lambda: s,
+        "v.v": lambda: torch.einsum("nia,nia->na", v, v),
+        "Q:Q": lambda: torch.einsum("nija,nija->na", q, q),
+        "T:T": lambda: torch.einsum("nijka,nijka->na", t, t),
+        "trQ3": lambda: torch.einsum("nika,nkia->na", qq(), q),
+        "vQv": lambda: torch.einsum("nia,nija,nja->na", v, q, v),
+        "TTQ": lambda: torch.einsum("nkla,nkla->na", b(), q),
+        "vQQv": lambda: torch.einsum("nia,nija,nja->na", v, qq(), v),
+        "Tvvv": lambda: torch.einsum("nijka,nia,nja,nka->na", t, v, v, v),
+        "vTTv": lambda: torch.einsum("nia,nibca,njbca,nja->na", v, t, t, v),
+        "b:b": lambda: torch.einsum("nkla,nkla->na", b(), b()),
+        "b:QQ": lambda: torch.einsum("nkla,nkla->na", b(), qq()),
+        "e.e": lambda: (lambda e: torch.einsum("nka,nka->na", e, e))(torch.einsum("nijka,nija->nka", t, q)),
+    }
+    return torch.stack([f[k]() for k in names], dim=1)
