@@ -3,11 +3,19 @@ rotation equivariance of the tensors, invariance and functional independence of 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from polyfid.models.layers.tensors import cartesian_harmonics, invariant_names, invariants, split_orders
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64():
+    """float64 in this module only (the default dtype is global state)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def rotation(seed: int) -> torch.Tensor:

@@ -161,7 +161,7 @@ def test_float64_training(tmp_path, toy_xyz) -> None:
     [
         ({"training": {"lr": "fast"}}, "training.lr: expected a number"),
         ({"training": {"epoch": 3}}, "did you mean 'epochs'"),
-        ({"model": {"architecture": 3}}, "model.architecture: expected a string"),
+        ({"model": {"architecture": 3}}, "model.architecture: 3 is not one of"),
         ({"training": {"scheduler": "step"}}, "not one of"),
         ({"data": {"train": [{"file": "x"}]}}, r"data.train\[0\]: unknown key 'file'"),
     ],
