@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from polyfid.models.hipnn import HIPNN, Interaction
-from polyfid.models.layers.geometry import PairGeometry
+from polyfid.models.layers.geometry import PairGeometry, bmm
 from polyfid.models.layers.tensors import cartesian_harmonics, split_orders
 
 
@@ -28,13 +28,14 @@ class TensorEnvironment(Interaction):
         self.l_max = l_max
 
     def tensors(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+        # V first: m_jνa = Σ_b V^ν_ab z_jb per atom, then per pair Σ_ν s_ν m_jνa, then Σ_j Y^l:
+        # far fewer operations than contracting the (N·M, n_in·n_sens) environment with V
+        n, k = z.shape[0], geom.max_neighbors
         s = self.sensitivity(inv_r, cut)  # (N·K, n_sens), zero in pad slots
         y = cartesian_harmonics(geom.pad(geom.vec / geom.r.unsqueeze(1)), self.l_max)  # (N·K, M)
-        m = y.shape[1]
-        env = geom.neighbor_sum((s.unsqueeze(2) * y.unsqueeze(1)).reshape(s.shape[0], -1), z)
-        n = z.shape[0]
-        env = env.view(n, self.n_in, self.n_sens, m).permute(0, 3, 1, 2).reshape(n * m, self.n_in * self.n_sens)
-        return (env @ self.weight.view(-1, self.n_out)).view(n, m, self.n_out)
+        msg = (z @ self.weight.view(self.n_in, -1)).view(n, self.n_sens * self.n_out)
+        h = bmm(s.unsqueeze(1), geom.neighbor_features(msg).view(n * k, self.n_sens, self.n_out))  # (N·K, 1, A)
+        return bmm(y.view(n, k, -1).transpose(1, 2), h.view(n, k, self.n_out))  # (N, M, A)
 
     def self_term(self, z: torch.Tensor) -> torch.Tensor:
         si = self.self_interaction
