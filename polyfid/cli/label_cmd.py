@@ -53,24 +53,18 @@ def _frames(args) -> list:
 
 
 def run(args) -> int:
-    from polyfid.label import LabelStore, LevelError, estimate_cost, label_frames, parse_level
+    from polyfid.label import LabelStore, estimate_cost, label_frames, parse_level
     from polyfid.label.cluster import executor_for
 
-    try:
-        level = parse_level(args.level).name
-    except LevelError as e:
-        print(f"polyfid label: error: {e}", file=sys.stderr)
-        return 2
+    level = parse_level(args.level).name  # a LevelError ends the command with its message (cli.main)
     frames = _frames(args)
     print(f"{len(frames)} structures from {', '.join(args.structures)}; level {level}"
           f"{' with forces' if args.forces else ''}; store {args.store}")
     try:
-        with LabelStore(args.store) as store, executor_for(args.dask, args.workers, args.threads) as executor:
-            n_workers = args.workers if args.dask is None or args.dask == "local" else None
+        with LabelStore(args.store) as store, executor_for(args.dask, args.workers, args.threads) as (executor, n):
             if args.sample > 0 or args.estimate_only:
                 est = estimate_cost(frames, level, store, forces=args.forces, sample=max(args.sample, 1),
-                                    workers=n_workers or _dask_workers(executor), threads_per_worker=args.threads,
-                                    executor=executor)
+                                    workers=n, threads_per_worker=args.threads, executor=executor)
                 print(f"estimate: {est}", flush=True)
                 if args.estimate_only:
                     return 0
@@ -78,9 +72,6 @@ def run(args) -> int:
                                   threads_per_worker=args.threads, executor=executor,
                                   progress=not args.no_progress)
             counts = store.counts().get(level, {"ok": 0, "failed": 0})
-    except LevelError as e:
-        print(f"polyfid label: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"\npolyfid label: interrupted; every finished result is in {args.store}: run the same command "
               "again to compute the rest", file=sys.stderr)
@@ -93,10 +84,3 @@ def run(args) -> int:
     print(f"store {args.store}: {level}: {counts['ok']} ok, {counts['failed']} failed")
     return 0
 
-
-def _dask_workers(executor) -> int:
-    client = getattr(executor, "_client", None)
-    try:
-        return max(1, len(client.scheduler_info()["workers"])) if client is not None else 1
-    except Exception:  # an estimate only
-        return 1

@@ -69,14 +69,20 @@ def demo_settings(quick: bool = False) -> MultiFidelityDemoSettings:
 
 # ---- steps -------------------------------------------------------------------------------------
 def sample_sets(s: MultiFidelityDemoSettings, out: Path) -> tuple[list, list, bool]:
-    """(pool, held-out) ASE Atoms from xTB MD, cached as extxyz in `out`; True if generated now."""
+    """(pool, held-out) structures (Frames without labels) from xTB MD, cached as extxyz in
+    `out`; True if generated now."""
     import ase.io
 
+    from polyfid.data.readers.ase_io import frame_from_atoms
     from polyfid.sample import SampleSettings, load_structures, sample, write_structures
 
     files = out / "pool.extxyz", out / "heldout.extxyz"
+
+    def frames(path: Path) -> list:
+        return [frame_from_atoms(a, f"{path}:{i}") for i, a in enumerate(ase.io.read(path, ":"))]
+
     if all(f.exists() for f in files):
-        return ase.io.read(files[0], ":"), ase.io.read(files[1], ":"), False
+        return frames(files[0]), frames(files[1]), False
     start = load_structures(s.molecule)
     common = dict(temperatures_K=s.temperatures_K, stride=s.stride, equilibration=s.equilibration,
                   method=s.low_level)
@@ -85,26 +91,23 @@ def sample_sets(s: MultiFidelityDemoSettings, out: Path) -> tuple[list, list, bo
     write_structures(files[0], pool)
     write_structures(files[1], held)
     # read back: the structures' keys (positions to 1e-8 Å) must be those of the cached files
-    return ase.io.read(files[0], ":"), ase.io.read(files[1], ":"), True
+    return frames(files[0]), frames(files[1]), True
 
 
 def label_sets(s: MultiFidelityDemoSettings, pool: list, held: list, store_path: Path) -> dict[str, Any]:
     """Low-level E+F of pool and held-out; high-level energies of the farthest-point subset
-    and high-level E+F of the held-out set. Returns what was done, with timings."""
-    from polyfid.data.readers.ase_io import frame_from_atoms
+    and high-level E+F of the held-out set (`pool`, `held`: Frames). Returns what was done."""
     from polyfid.label import LabelStore, estimate_cost, label_frames
     from polyfid.label.cluster import executor_for
     from polyfid.sample import farthest_point
 
-    pool_f = [frame_from_atoms(a, f"pool:{i}") for i, a in enumerate(pool)]
-    held_f = [frame_from_atoms(a, f"heldout:{i}") for i, a in enumerate(held)]
     chosen = farthest_point(pool, s.n_high, seed=s.seed)
     info: dict[str, Any] = {"high_indices": chosen}
-    with LabelStore(store_path) as st, executor_for(None, s.workers) as ex:
+    with LabelStore(store_path) as st, executor_for(None, s.workers) as (ex, _):
         jobs = [
-            ("low", pool_f + held_f, s.low_level, True),
-            ("high_energies", [pool_f[i] for i in chosen], s.high_level, False),
-            ("heldout_high", held_f, s.high_level, True),
+            ("low", pool + held, s.low_level, True),
+            ("high_energies", [pool[i] for i in chosen], s.high_level, False),
+            ("heldout_high", held, s.high_level, True),
         ]
         for name, frames, level, forces in jobs:
             est = estimate_cost(frames, level, st, forces=forces, sample=2, workers=s.workers, executor=ex)
@@ -172,15 +175,14 @@ def evaluate_models(s: MultiFidelityDemoSettings, models: dict[str, str], test) 
     itself (forces only: its energies have another zero)."""
     from polyfid.analysis.metrics import public
     from polyfid.api import evaluate
-    from polyfid.data.frame import Dataset, Frame
     from polyfid.train.strategies import restrict
 
     low, high = fidelity_name(s.low_level), fidelity_name(s.high_level)
-    test_hi = restrict(test, [high])
     out: dict[str, dict[str, Any]] = {}
     for name, path in models.items():
         mapping = {high: low} if name == "xtb_network" else None
-        m = evaluate(path, Dataset([Frame(f.numbers, f.positions, labels=dict(f.labels)) for f in test_hi]), mapping)
+        # restrict gives fresh label dicts: the renaming for the xTB head stays in this copy
+        m = evaluate(path, restrict(test, [high]), mapping)
         fid = low if name == "xtb_network" else high
         out[name] = public(m)[fid] | {"_arrays": m["_arrays"][fid]}
         if name == "xtb_network":  # an xTB-level head: its energy zero is not MP2's
@@ -285,8 +287,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False,
     t_label = time.perf_counter() - t0
 
     ds = read_label_store(work / "labels.sqlite", [s.low_level, s.high_level])
-    pool_keys = {frame_key(f) for f in _frames(pool)}
-    held_keys = {frame_key(f) for f in _frames(held)}
+    pool_keys = {frame_key(f) for f in pool}
+    held_keys = {frame_key(f) for f in held}
     train = type(ds)([f for f in ds if frame_key(f) in pool_keys])
     test = type(ds)([f for f in ds if frame_key(f) in held_keys])
     high = fidelity_name(s.high_level)
@@ -321,9 +323,3 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False,
     print(f"plots: {', '.join(p.name for p in plots)}; summary: {work / 'summary.json'}; "
           f"total {summary['seconds']['total']:.0f} s")
     return summary
-
-
-def _frames(atoms_list: list) -> list:
-    from polyfid.data.readers.ase_io import frame_from_atoms
-
-    return [frame_from_atoms(a, str(i)) for i, a in enumerate(atoms_list)]

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from polyfid.sample.md import one_thread, run_md, single_point, snapshot, thermalize, xtb_calculator
+from polyfid.sample import one_thread, run_md, single_point, snapshot, thermalize, write_structures, xtb_calculator
 
 #: fidelity name of the demo's labels
 FIDELITY = "gfn2_xtb"
@@ -48,8 +48,6 @@ class MDSettings:
 
 def generate(path: str | Path, settings: MDSettings, calc=None) -> list:
     """Run `settings` and write the frames (with xTB energy and forces) to `path` (extxyz)."""
-    import ase.io
-
     calc = calc if calc is not None else xtb_calculator()
     frames = []
     for t in settings.temperatures_K:
@@ -57,11 +55,7 @@ def generate(path: str | Path, settings: MDSettings, calc=None) -> list:
             t, settings.frames_per_temperature, settings.stride, settings.equilibration,
             settings.timestep_fs, settings.friction_per_fs, settings.seed, calc=calc,
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    ase.io.write(tmp, frames, format="extxyz")
-    tmp.replace(path)
+    write_structures(path, frames)
     return frames
 
 

@@ -64,10 +64,10 @@ def _refine(F: np.ndarray, y: np.ndarray, subset: tuple[int, ...], usable: np.nd
                 if len(pairs):
                     trials.append(np.column_stack([np.repeat([rest], len(pairs), axis=0), pairs]) if rest
                                   else pairs)
-        s_new, _, r = _best_of(F, y, np.concatenate(trials))
+        s_new, c_new, r = _best_of(F, y, np.concatenate(trials))
         if r >= rss * (1 - 1e-9):
             break
-        best, coef, rss = _best_of(F, y, np.array([tuple(sorted(s_new))]))
+        best, coef, rss = s_new, c_new, r
     return best, coef
 
 

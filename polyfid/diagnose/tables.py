@@ -80,7 +80,7 @@ def make_xtb_molecules_table():
     from ase.build import molecule
     from ase.collections import g2
     from ase.data import covalent_radii
-    from ase.units import Hartree
+    from ase.units import Bohr, Hartree
     from tblite.interface import Calculator
 
     from polyfid.sample.md import one_thread
@@ -93,7 +93,7 @@ def make_xtb_molecules_table():
         z = a.numbers
         if len(a) < 2 or a.get_initial_magnetic_moments().any() or sum(z) % 2 or any(int(k) not in pauling for k in z):
             continue
-        calc = Calculator("GFN2-xTB", z, a.positions / 0.52917721067)
+        calc = Calculator("GFN2-xTB", z, a.positions / Bohr)
         calc.set("verbosity", 0)
         with one_thread():
             res = calc.singlepoint()

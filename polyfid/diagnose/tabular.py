@@ -165,7 +165,7 @@ def diagnose(
     jobs = [(name, s, f) for name in zoo for s in range(len(splits)) for f in fractions]
 
     def run(name, s, f):
-        tr = orders[s][: max(8, int(round(f * len(orders[s]))))]
+        tr = orders[s][: _n_train(f, len(orders[s]))]
         return _fit_score(zoo[name], X, y, tr, splits[s][1])
 
     scores = Parallel(n_jobs=n_jobs)(delayed(run)(*j) for j in jobs)
@@ -182,7 +182,7 @@ def diagnose(
             "rmse": float(fold_rmse.mean()), "fold_mae": fold_mae.tolist(),
         }
         curves[name] = {
-            "train_size": [int(max(8, round(f * n_tr_full))) for f in fractions],
+            "train_size": [_n_train(f, n_tr_full) for f in fractions],
             "mae": [float(np.mean([table[(name, s, f)][0] for s in range(len(splits))])) for f in fractions],
             "mae_std": [float(np.std([table[(name, s, f)][0] for s in range(len(splits))])) for f in fractions],
         }
@@ -195,6 +195,11 @@ def diagnose(
                                              len(X) - n_tr_full, min_gain)
     return Diagnosis(target, names, len(X), result_models, curves, reset, formula, verdict, evidence, comparison,
                      terms)
+
+
+def _n_train(fraction: float, n: int) -> int:
+    """Training-set size at `fraction` of an outer training fold of `n` (at least 8)."""
+    return max(8, int(round(fraction * n)))
 
 
 def _formula(X, y, names, target, seed) -> tuple[str, dict[str, float], np.ndarray]:

@@ -14,10 +14,7 @@ from concurrent.futures import Executor
 
 
 @contextlib.contextmanager
-def dask_executor(address: str = "local", workers: int = 2, threads_per_worker: int = 1) -> Iterator[Executor]:
-    """A Dask executor: ``address`` is a scheduler (``tcp://host:8786``) or ``"local"`` for a
-    local cluster of `workers` processes, each running one calculation at a time with
-    `threads_per_worker` OpenMP threads."""
+def _dask_client(address: str, workers: int, threads_per_worker: int):
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError as e:
@@ -28,23 +25,33 @@ def dask_executor(address: str = "local", workers: int = 2, threads_per_worker: 
         env = {"OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n}
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                           env=env) as cluster, Client(cluster) as client:
-            yield client.get_executor()
+            yield client
     else:
         with Client(address) as client:
-            yield client.get_executor()
+            yield client
 
 
 @contextlib.contextmanager
-def executor_for(dask: str | None, workers: int = 1, threads_per_worker: int = 1) -> Iterator[Executor]:
-    """A local process pool, or a Dask executor when `dask` is given."""
+def dask_executor(address: str = "local", workers: int = 2, threads_per_worker: int = 1) -> Iterator[Executor]:
+    """A Dask executor: ``address`` is a scheduler (``tcp://host:8786``) or ``"local"`` for a
+    local cluster of `workers` processes, each running one calculation at a time with
+    `threads_per_worker` OpenMP threads."""
+    with _dask_client(address, workers, threads_per_worker) as client:
+        yield client.get_executor()
+
+
+@contextlib.contextmanager
+def executor_for(dask: str | None, workers: int = 1, threads_per_worker: int = 1) -> Iterator[tuple[Executor, int]]:
+    """(executor, number of workers): a local pool of `workers` processes, or with `dask` a Dask
+    executor (``"local"``: a local cluster of `workers`; else the scheduler's workers)."""
     if dask is None:
         from polyfid.label.runner import local_executor
 
         ex = local_executor(workers, threads_per_worker)
         try:
-            yield ex
+            yield ex, workers
         finally:
             ex.shutdown(wait=True, cancel_futures=True)
     else:
-        with dask_executor(dask, workers, threads_per_worker) as ex:
-            yield ex
+        with _dask_client(dask, workers, threads_per_worker) as client:
+            yield client.get_executor(), max(1, len(client.scheduler_info()["workers"]))

@@ -35,7 +35,7 @@ class InvariantInteraction(TensorEnvironment):
     def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
         parts = split_orders(self.tensors(z, geom, inv_r, cut), self.l_max)
         inv = invariants(parts, self.names)  # (N, I, A)
-        inv = inv / (1 + inv.square()).pow(self.power.to(inv.dtype))
+        inv = inv / (1 + inv.square()).pow(self.power)
         return self.self_term(z) + self.mix(inv.flatten(1))
 
 

@@ -50,7 +50,9 @@ def soft_norm(sq: torch.Tensor, eps: float) -> torch.Tensor:
 class TensorSensitivityInteraction(TensorEnvironment):
     def __init__(self, n_in: int, n_out: int, n_sens: int, soft_min: float, soft_max: float, cutoff: float,
                  l_max: int = 2, eps: float = 1e-4) -> None:
-        super().__init__(n_in, n_out, n_sens, soft_min, soft_max, cutoff, min(l_max, 2))
+        if l_max > 2:
+            raise ValueError(f"hipnn_ts: l_max is 1 or 2 (tensor sensitivities of order 3 are hiphop's), not {l_max}")
+        super().__init__(n_in, n_out, n_sens, soft_min, soft_max, cutoff, l_max)
         self.eps = eps
         self.coef = nn.Parameter(torch.full((self.l_max, n_out), 0.5))
 

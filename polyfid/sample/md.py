@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-XTB_METHODS = {"gfn1-xtb": "GFN1-xTB", "gfn2-xtb": "GFN2-xTB"}
+from polyfid.label.levels import XTB_METHODS
 
 
 def xtb_calculator(method: str = "GFN2-xTB", charge: int = 0, multiplicity: int = 1):

@@ -28,7 +28,7 @@ def test_train_save_load_predict(arch, tmp_path, toy_xyz) -> None:
     torch.testing.assert_close(torch.as_tensor(a["forces"]), torch.as_tensor(b["forces"]))
 
 
-def test_options_of_another_architecture_are_refused(tmp_path, toy_xyz) -> None:
+def test_options_of_another_architecture_are_refused() -> None:
     from polyfid.models import build_potential
 
     with pytest.raises(ValueError, match="architecture 'hipnn'.*l_max"):
