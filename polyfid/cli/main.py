@@ -11,13 +11,15 @@ from polyfid.cli import (
     demo_cmd,
     diagnose_cmd,
     evaluate_cmd,
+    invariants_cmd,
     label_cmd,
     predict_cmd,
     sample_cmd,
     train_cmd,
 )
 
-COMMANDS = [train_cmd, evaluate_cmd, predict_cmd, data_cmd, sample_cmd, label_cmd, diagnose_cmd, config_cmd, demo_cmd]
+COMMANDS = [train_cmd, evaluate_cmd, predict_cmd, data_cmd, sample_cmd, label_cmd, diagnose_cmd, invariants_cmd,
+            config_cmd, demo_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

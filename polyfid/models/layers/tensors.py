@@ -51,6 +51,15 @@ INVARIANTS: dict[str, tuple[tuple[int, ...], int]] = {
 }
 
 
+#: the same invariants in index notation (polyfid.invariants.parse_contraction reads it)
+INDEX_NOTATION: dict[str, str] = {
+    "s": "s", "v.v": "v_a v_a", "Q:Q": "Q_ab Q_ab", "T:T": "T_abc T_abc", "trQ3": "Q_ab Q_bc Q_ca",
+    "vQv": "v_a Q_ab v_b", "TTQ": "T_abc T_abd Q_cd", "vQQv": "v_a Q_ab Q_bc v_c", "Tvvv": "T_abc v_a v_b v_c",
+    "vTTv": "v_a T_abc T_dbc v_d", "b:b": "T_abc T_abd T_efc T_efd", "b:QQ": "T_abc T_abd Q_ce Q_ed",
+    "e.e": "T_abc Q_ab T_dec Q_de",
+}
+
+
 def invariant_names(l_max: int, max_tensors: int) -> list[str]:
     """The invariants whose tensors all have order ≤ l_max and that multiply ≤ max_tensors."""
     return [k for k, (orders, n) in INVARIANTS.items() if max(orders) <= l_max and n <= max_tensors]
