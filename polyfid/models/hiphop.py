@@ -19,35 +19,42 @@ from torch import nn
 from polyfid.models.hipnn import HIPNN
 from polyfid.models.hipnn_ts import TensorEnvironment
 from polyfid.models.layers.geometry import PairGeometry
-from polyfid.models.layers.tensors import INVARIANTS, invariant_names, invariants, split_orders
+from polyfid.models.layers.tensors import INVARIANTS, invariant_names, invariants
 
 
 class InvariantInteraction(TensorEnvironment):
     def __init__(self, n_in: int, n_out: int, n_sens: int, soft_min: float, soft_max: float, cutoff: float,
-                 l_max: int = 3, max_tensors: int = 4) -> None:
+                 l_max: int = 3, max_tensors: int = 4, tensor_features: int | None = None) -> None:
         super().__init__(n_in, n_out, n_sens, soft_min, soft_max, cutoff, l_max)
-        self.names = invariant_names(l_max, max_tensors)
+        self.n_tensor = n_out if tensor_features is None else min(int(tensor_features), n_out)
+        # s (l = 0) enters directly, as HIP-NN's environment term; the others are mixed in
+        self.names = [k for k in invariant_names(l_max, max_tensors) if k != "s"]
         degree = torch.tensor([float(INVARIANTS[k][1]) for k in self.names])
         self.register_buffer("power", ((degree - 1) / (2 * degree)).view(1, -1, 1), persistent=False)
-        self.mix = nn.Linear(len(self.names) * n_out, n_out, bias=False)
+        self.mix = nn.Linear(len(self.names) * self.n_tensor, n_out, bias=False)
         nn.init.xavier_normal_(self.mix.weight)
 
     def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
-        parts = split_orders(self.tensors(z, geom, inv_r, cut), self.l_max)
-        inv = invariants(parts, self.names)  # (N, I, A)
+        s = self.sensitivity(inv_r, cut)
+        parts = self.tensors(z, geom, s, self.n_tensor)
+        inv = invariants([None] + parts, self.names)  # (N, I, A_t)
         inv = inv / (1 + inv.square()).pow(self.power)
-        return self.self_term(z) + self.mix(inv.flatten(1))
+        return self.scalar_term(z, geom, s) + self.mix(inv.flatten(1))
 
 
 class HIPHOPNN(HIPNN):
-    """HIP-HOP-NN representation: HIP-NN's options plus l_max (1..3) and max_tensors (1..4)."""
+    """HIP-HOP-NN representation: HIP-NN's options plus l_max (1..3), max_tensors (1..4) and
+    tensor_features (channels that carry tensors of order ≥ 1; default all n_features)."""
 
-    def __init__(self, n_species: int, l_max: int = 3, max_tensors: int = 4, **hipnn_options) -> None:
+    def __init__(self, n_species: int, l_max: int = 3, max_tensors: int = 4, tensor_features: int | None = None,
+                 **hipnn_options) -> None:
         self.l_max, self.max_tensors = int(l_max), int(max_tensors)
+        self.tensor_features = None if tensor_features is None else int(tensor_features)
         super().__init__(n_species, **hipnn_options)
 
     def make_interaction(self, n_in, n_out, n_sens, soft_min, soft_max, cutoff) -> nn.Module:
-        return InvariantInteraction(n_in, n_out, n_sens, soft_min, soft_max, cutoff, self.l_max, self.max_tensors)
+        return InvariantInteraction(n_in, n_out, n_sens, soft_min, soft_max, cutoff, self.l_max, self.max_tensors,
+                                    self.tensor_features)
 
     @property
     def has_explicit_gradient(self) -> bool:

@@ -27,19 +27,26 @@ class TensorEnvironment(Interaction):
             raise ValueError(f"l_max must be 1, 2 or 3, not {l_max}")
         self.l_max = l_max
 
-    def tensors(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    def tensors(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor, n_tensor: int | None = None
+                ) -> list[torch.Tensor]:
+        """[v (N, 3, A_t), Q (N, 3, 3, A_t), T (N, 3, 3, 3, A_t)] up to l_max, built with the first
+        A_t = n_tensor channels of V (default all); s: (N·K, n_sens) sensitivities, padded layout."""
         # V first: m_jνa = Σ_b V^ν_ab z_jb per atom, then per pair Σ_ν s_ν m_jνa, then Σ_j Y^l:
-        # far fewer operations than contracting the (N·M, n_in·n_sens) environment with V
+        # far fewer operations than contracting an (N, n_in, n_sens, 3^l) environment with V.
+        # The (N·K, n_sens, A_t) pair messages and their second derivatives dominate the cost,
+        # hence A_t < n_out; the order-0 term goes HIP-NN's way (`scalar_term`).
         n, k = z.shape[0], geom.max_neighbors
-        s = self.sensitivity(inv_r, cut)  # (N·K, n_sens), zero in pad slots
-        y = cartesian_harmonics(geom.pad(geom.vec / geom.r.unsqueeze(1)), self.l_max)  # (N·K, M)
-        msg = (z @ self.weight.view(self.n_in, -1)).view(n, self.n_sens * self.n_out)
-        h = bmm(s.unsqueeze(1), geom.neighbor_features(msg).view(n * k, self.n_sens, self.n_out))  # (N·K, 1, A)
-        return bmm(y.view(n, k, -1).transpose(1, 2), h.view(n, k, self.n_out))  # (N, M, A)
+        a_t = self.n_out if n_tensor is None else n_tensor
+        w = self.weight if a_t == self.n_out else self.weight[:, :, :a_t]
+        y = cartesian_harmonics(geom.pad(geom.vec / geom.r.unsqueeze(1)), self.l_max)[:, 1:]  # (N·K, M − 1)
+        msg = (z @ w.reshape(self.n_in, -1)).view(n, self.n_sens * a_t)
+        h = bmm(s.unsqueeze(1), geom.neighbor_features(msg).view(n * k, self.n_sens, a_t))  # (N·K, 1, A_t)
+        higher = bmm(y.view(n, k, -1).transpose(1, 2), h.view(n, k, a_t))  # (N, M − 1, A_t)
+        return split_orders(torch.cat([higher.new_zeros(n, 1, a_t), higher], 1), self.l_max)[1:]
 
-    def self_term(self, z: torch.Tensor) -> torch.Tensor:
-        si = self.self_interaction
-        return torch.addmm(si.bias, z, si.weight.t())
+    def scalar_term(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor) -> torch.Tensor:
+        """HIP-NN's interaction: W z + B + Σ_{ν,b} V^ν_ab Σ_j s_ν z_jb, (N, n_out)."""
+        return self.combine(z, geom.neighbor_sum(s, z))
 
 
 def soft_norm(sq: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,10 +64,10 @@ class TensorSensitivityInteraction(TensorEnvironment):
         self.coef = nn.Parameter(torch.full((self.l_max, n_out), 0.5))
 
     def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
-        parts = split_orders(self.tensors(z, geom, inv_r, cut), self.l_max)
-        out = self.self_term(z) + parts[0]
-        for l_ in range(1, self.l_max + 1):
-            sq = parts[l_].square().flatten(1, -2).sum(1)  # (N, A)
+        s = self.sensitivity(inv_r, cut)
+        out = self.scalar_term(z, geom, s)
+        for l_, part in enumerate(self.tensors(z, geom, s), start=1):
+            sq = part.square().flatten(1, -2).sum(1)  # (N, A)
             out = out + self.coef[l_ - 1] * soft_norm(sq, self.eps)
         return out
 

@@ -21,7 +21,7 @@ SMALL = {
     "hipnn_ts": {"n_features": 6, "n_sensitivities": 4, "soft_min": 0.7, "soft_max": 2.5, "cutoff": 3.0,
                  "n_interactions": 2, "n_atom_layers": 1, "l_max": 2},
     "hiphop": {"n_features": 5, "n_sensitivities": 4, "soft_min": 0.7, "soft_max": 2.5, "cutoff": 3.0,
-               "n_interactions": 2, "n_atom_layers": 1, "l_max": 3, "max_tensors": 4},
+               "n_interactions": 2, "n_atom_layers": 1, "l_max": 3, "max_tensors": 4, "tensor_features": 3},
 }
 SPECIES = [1, 6, 8]
 

@@ -66,36 +66,48 @@ def invariant_names(l_max: int, max_tensors: int) -> list[str]:
 
 
 def invariants(tensors: list[torch.Tensor], names: list[str]) -> torch.Tensor:
-    """Per channel a: the named invariants of s, v, Q, T (as from `split_orders`)  ->  (N, len(names), A)."""
+    """Per channel a: the named invariants of s, v, Q, T (as from `split_orders`; a tensor no name
+    uses may be None)  ->  (N, len(names), A).
+
+    Written as broadcast products and sums over the 3-wide index axes, with the channel axis
+    last: einsum would route these through bmm over N·A tiny matrices, many times slower on CPU
+    (and again in the force and weight gradients). Q and T are symmetric, which shortens
+    vQQv = |Qv|² and vTTv = |T·v|².
+    """
     s = tensors[0]
     v = tensors[1] if len(tensors) > 1 else None
     q = tensors[2] if len(tensors) > 2 else None
     t = tensors[3] if len(tensors) > 3 else None
+    n = next(x for x in tensors if x is not None).shape[0]
     cache: dict[str, torch.Tensor] = {}
 
-    def qq():
-        if "qq" not in cache:
-            cache["qq"] = torch.einsum("nija,njka->nika", q, q)
-        return cache["qq"]
+    def get(key, make):
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
-    def b():
-        if "b" not in cache:
-            cache["b"] = torch.einsum("nijka,nijla->nkla", t, t)
-        return cache["b"]
+    qv = lambda: get("qv", lambda: (q * v[:, None]).sum(2))  # (Qv)_i  # noqa: E731
+    qq = lambda: get("qq", lambda: (q[:, :, :, None] * q[:, None]).sum(2))  # (QQ)_ik  # noqa: E731
+    t9 = lambda: get("t9", lambda: t.reshape(n, 9, 3, -1))  # T_(ij)k  # noqa: E731
+    b = lambda: get("b", lambda: (t9()[:, :, :, None] * t9()[:, :, None]).sum(1))  # b_kl = T_ijk T_ijl  # noqa: E731
+    tv = lambda: get("tv", lambda: (t * v[:, None, None]).sum(3))  # (T·v)_ij  # noqa: E731
+
+    def e():  # e_k = T_ijk Q_ij
+        return (t9() * q.reshape(n, 9, 1, -1)).sum(1)
 
     f = {
         "s": lambda: s,
-        "v.v": lambda: torch.einsum("nia,nia->na", v, v),
-        "Q:Q": lambda: torch.einsum("nija,nija->na", q, q),
-        "T:T": lambda: torch.einsum("nijka,nijka->na", t, t),
-        "trQ3": lambda: torch.einsum("nika,nkia->na", qq(), q),
-        "vQv": lambda: torch.einsum("nia,nija,nja->na", v, q, v),
-        "TTQ": lambda: torch.einsum("nkla,nkla->na", b(), q),
-        "vQQv": lambda: torch.einsum("nia,nija,nja->na", v, qq(), v),
-        "Tvvv": lambda: torch.einsum("nijka,nia,nja,nka->na", t, v, v, v),
-        "vTTv": lambda: torch.einsum("nia,nibca,njbca,nja->na", v, t, t, v),
-        "b:b": lambda: torch.einsum("nkla,nkla->na", b(), b()),
-        "b:QQ": lambda: torch.einsum("nkla,nkla->na", b(), qq()),
-        "e.e": lambda: (lambda e: torch.einsum("nka,nka->na", e, e))(torch.einsum("nijka,nija->nka", t, q)),
+        "v.v": lambda: v.square().sum(1),
+        "Q:Q": lambda: q.square().sum((1, 2)),
+        "T:T": lambda: t.square().sum((1, 2, 3)),
+        "trQ3": lambda: (qq() * q).sum((1, 2)),
+        "vQv": lambda: (v * qv()).sum(1),
+        "TTQ": lambda: (b() * q).sum((1, 2)),
+        "vQQv": lambda: qv().square().sum(1),
+        "Tvvv": lambda: ((tv() * v[:, None]).sum(2) * v).sum(1),
+        "vTTv": lambda: tv().square().sum((1, 2)),
+        "b:b": lambda: b().square().sum((1, 2)),
+        "b:QQ": lambda: (b() * qq()).sum((1, 2)),
+        "e.e": lambda: e().square().sum(1),
     }
     return torch.stack([f[k]() for k in names], dim=1)
