@@ -18,8 +18,8 @@ from torch import nn
 
 from polyfid.models.hipnn import HIPNN
 from polyfid.models.hipnn_ts import TensorEnvironment
-from polyfid.models.layers.geometry import PairGeometry
-from polyfid.models.layers.tensors import INVARIANTS, invariant_names, invariants
+from polyfid.models.layers.geometry import PairGeometry, bmm
+from polyfid.models.layers.tensors import INVARIANTS, cartesian_harmonics, invariant_names, invariants, split_orders
 
 
 class InvariantInteraction(TensorEnvironment):
@@ -33,10 +33,27 @@ class InvariantInteraction(TensorEnvironment):
         self.register_buffer("power", ((degree - 1) / (2 * degree)).view(1, -1, 1), persistent=False)
         self.mix = nn.Linear(len(self.names) * self.n_tensor, n_out, bias=False)
         nn.init.xavier_normal_(self.mix.weight)
+        # tensor messages V^ν_ab = C_νa W_ab: a radial filter per channel times mixed features
+        self.filter = nn.Linear(n_sens, self.n_tensor, bias=False)
+        self.features = nn.Linear(n_in, self.n_tensor, bias=False)
+
+    def tensors(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor, n_tensor: int | None = None
+                ) -> list[torch.Tensor]:
+        """[v, Q, T] up to l_max, (N, 3, ..., A_t): T^l_ia = Σ_j (Σ_ν C_νa s_ν(r_ij)) (Σ_b W_ab z_jb) Y^l(r̂_ij).
+
+        The full V^ν_ab of HIP-NN-TS would need an (N·K, n_sens, A_t) message per pair and its
+        second derivatives, which dominate the cost on molecules with many neighbours (aspirin);
+        the factorised message is one (N·K, n_sens) × (n_sens, A_t) matmul and one gather.
+        """
+        n, k = z.shape[0], geom.max_neighbors
+        y = cartesian_harmonics(geom.pad(geom.vec / geom.r.unsqueeze(1)), self.l_max)[:, 1:]  # (N·K, M − 1)
+        h = self.filter(s) * geom.neighbor_features(self.features(z)).view(n * k, -1)  # (N·K, A_t)
+        higher = bmm(y.view(n, k, -1).transpose(1, 2), h.view(n, k, -1))  # (N, M − 1, A_t)
+        return split_orders(torch.cat([higher.new_zeros(n, 1, higher.shape[-1]), higher], 1), self.l_max)[1:]
 
     def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
         s = self.sensitivity(inv_r, cut)
-        parts = self.tensors(z, geom, s, self.n_tensor)
+        parts = self.tensors(z, geom, s)
         inv = invariants([None] + parts, self.names)  # (N, I, A_t)
         inv = inv / (1 + inv.square()).pow(self.power)
         return self.scalar_term(z, geom, s) + self.mix(inv.flatten(1))
