@@ -1,8 +1,10 @@
 """HIP-HOP-NN: HIP-NN on an optimal set of Cartesian tensor invariants (up to 5-body per neuron).
 
-Per channel a the interaction builds T^l_ia = Σ_j Σ_{ν,b} V^ν_ab s_ν(r_ij) Y^l(r̂_ij) z_jb for
-l = 0..l_max (≤ 3), then the invariants of DESIGN.md that use tensors of order ≤ l_max and at
-most `max_tensors` factors (13 at l_max = 3, max_tensors = 4: complete and functionally
+The order-0 environment is HIP-NN's interaction term. On A_t = tensor_features channels
+(default 32) the interaction builds T^l_ia = Σ_j (Σ_ν C_νa s_ν(r_ij)) (Σ_b W_ab z_jb) Y^l(r̂_ij)
+for l = 1..l_max (≤ 3): DESIGN.md's V^ν_ab factorised as C_νa W_ab, which keeps the pair
+messages A_t wide (see `InvariantInteraction.tensors`). Then the invariants of DESIGN.md that
+use tensors of order ≤ l_max and at most `max_tensors` factors (13 at l_max = 3, max_tensors = 4: complete and functionally
 independent at generic points). Each invariant of degree k (k tensors multiplied) is
 normalised by x / (1 + x²)^((k−1)/2k), linear for small x and growing like |x|^(1/k): every
 invariant then scales like one tensor, smoothly, without batch statistics (which would break
@@ -61,9 +63,10 @@ class InvariantInteraction(TensorEnvironment):
 
 class HIPHOPNN(HIPNN):
     """HIP-HOP-NN representation: HIP-NN's options plus l_max (1..3), max_tensors (1..4) and
-    tensor_features (channels that carry tensors of order ≥ 1; default all n_features)."""
+    tensor_features (channels that carry tensors of order ≥ 1, at most n_features; default 32,
+    None: all)."""
 
-    def __init__(self, n_species: int, l_max: int = 3, max_tensors: int = 4, tensor_features: int | None = None,
+    def __init__(self, n_species: int, l_max: int = 3, max_tensors: int = 4, tensor_features: int | None = 32,
                  **hipnn_options) -> None:
         self.l_max, self.max_tensors = int(l_max), int(max_tensors)
         self.tensor_features = None if tensor_features is None else int(tensor_features)

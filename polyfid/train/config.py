@@ -71,8 +71,8 @@ class ModelConfig:
     l_max: int | None = opt(None, "hipnn_ts, hiphop: highest tensor order (hipnn_ts 1-2, default 2; hiphop 1-3, "
                             "default 3)")
     max_tensors: int | None = opt(None, "hiphop: most tensors multiplied in one invariant (1-4, default 4)")
-    tensor_features: int | None = opt(None, "hiphop: channels that carry tensors of order >= 1 (default: all "
-                                      "n_features); fewer is much faster")
+    tensor_features: int | None = opt(None, "hiphop: channels that carry tensors of order >= 1 (default 32, at "
+                                      "most n_features); their cost dominates the network's")
 
 
 @dataclass
