@@ -4,12 +4,12 @@ The order-0 environment is HIP-NN's interaction term. On A_t = tensor_features c
 (default 32) the interaction builds T^l_ia = Σ_j (Σ_ν C_νa s_ν(r_ij)) (Σ_b W_ab z_jb) Y^l(r̂_ij)
 for l = 1..l_max (≤ 3): DESIGN.md's V^ν_ab factorised as C_νa W_ab, which keeps the pair
 messages A_t wide (see `InvariantInteraction.tensors`). Then the invariants of DESIGN.md that
-use tensors of order ≤ l_max and at most `max_tensors` factors (13 at l_max = 3, max_tensors = 4: complete and functionally
-independent at generic points). Each invariant of degree k (k tensors multiplied) is
-normalised by x / (1 + x²)^((k−1)/2k), linear for small x and growing like |x|^(1/k): every
-invariant then scales like one tensor, smoothly, without batch statistics (which would break
-"energy of a batch = sum of its frames"). The invariants are mixed linearly into the
-pre-activation with the self term W z + B; the block's residual wrapper adds the skip.
+use tensors of order ≤ l_max and at most `max_tensors` factors (13 at l_max = 3,
+max_tensors = 4: complete and functionally independent at generic points). Each invariant of
+degree k (k tensors multiplied) is normalised by x / (1 + x²)^((k−1)/2k), linear for small x
+and growing like |x|^(1/k): every invariant then scales like one tensor, smoothly, without
+batch statistics (which would break "energy of a batch = sum of its frames"). The invariants
+are mixed linearly into the pre-activation; the block's residual wrapper adds the skip.
 Forces by autograd.
 """
 
