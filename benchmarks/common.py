@@ -350,3 +350,139 @@ def plot_parity(path: str | Path, title: str, entries: list[dict[str, Any]], max
     fig.savefig(path, dpi=72)
     plt.close(fig)
     return path
+
+
+# ---- polyfid on rMD17 (shared by the benchmark scripts) -------------------------------
+def errors(e_ref, e_pred, f_ref, f_pred, prefix: str = "") -> dict[str, float]:
+    """MAE/RMSE in meV (per molecule) and meV/Å (all Cartesian components) from eV arrays."""
+    de, df = 1e3 * (np.asarray(e_pred) - np.asarray(e_ref)), 1e3 * (np.asarray(f_pred) - np.asarray(f_ref))
+    return {
+        f"{prefix}energy_mae_meV": float(np.mean(np.abs(de))),
+        f"{prefix}force_mae_meV_A": float(np.mean(np.abs(df))),
+        f"{prefix}energy_rmse_meV": float(np.sqrt(np.mean(de**2))),
+        f"{prefix}force_rmse_meV_A": float(np.sqrt(np.mean(df**2))),
+    }
+
+
+def train_polyfid_rmd17(
+    data_dir: str | Path,
+    molecule: str,
+    model: dict[str, Any],
+    recipe: dict[str, Any],
+    budget_s: float,
+    run_dir: str | Path,
+    *,
+    threads: int = 1,
+    device: str = "cpu",
+    seed: int = 0,
+    n_val: int = 50,
+    n_test: int | None = None,
+    barrier_dir: str | Path | None = None,
+    barrier_name: str = "polyfid",
+    barrier_n: int = 1,
+) -> dict[str, Any]:
+    """Train polyfid (`model`: ModelConfig options, `recipe`: TrainingConfig options) on the rMD17
+    split of the benchmarks (train file, `n_val` validation frames drawn with `seed`), for a
+    wall-clock budget, without validation inside the budget; evaluate the final (EMA) weights on
+    the test file (its first `n_test` frames if given).
+
+    The same steps as rmd17.py's polyfid worker. Returns {"result": the JSON fields, "pred":
+    {e_ref, e_pred, f_ref, f_pred} in eV and eV/Å, "model": the trained Potential,
+    "test": the test Dataset}."""
+    import csv
+    import shutil
+
+    import torch
+
+    import polyfid
+    from polyfid.analysis.metrics import error_metrics
+    from polyfid.data.batch import PackedData
+    from polyfid.data.readers import read
+    from polyfid.train.run import run_training
+
+    train_file, test_file = rmd17_files(data_dir, molecule)
+    run_dir = Path(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = {
+        "data": {
+            "train": [{"path": str(train_file), "format": "npz", "fidelity": FIDELITY}],
+            "val_size": n_val,
+            "seed": seed,
+        },
+        "model": dict(model),
+        "training": {
+            "epochs": 10**8,  # the wall-clock budget ends training
+            "max_time_s": budget_s,
+            "dtype": "float32",
+            "seed": seed,
+            "num_threads": threads,
+            "device": device,
+            # no validation inside the budget: the final (EMA) weights are evaluated
+            "eval_every": 10**9,
+            "early_stopping_patience": None,
+            **recipe,
+        },
+        "output": {"dir": str(run_dir), "tensorboard": False, "plots": False, "progress": False},
+    }
+    barrier(barrier_dir, barrier_name, barrier_n)
+    t_start = time.perf_counter()
+    res = run_training(config)
+    wall_s = time.perf_counter() - t_start
+
+    # frames actually trained on, from the per-epoch log (the last epoch may be cut by the budget)
+    with np.load(train_file) as d:
+        n_frames = len(d["energies"])
+    n_train = n_frames - n_val
+    bs = int(config["training"]["batch_size"])
+    full = math.ceil(n_train / bs)
+    frames = steps = 0
+    with open(run_dir / "metrics.csv") as fh:
+        for row in csv.DictReader(fh):
+            k = int(float(row["train_steps"]))
+            steps += k
+            frames += n_train if k == full else k * bs
+
+    t0 = time.perf_counter()
+    net = res.model
+    test_ds = read(test_file, format="npz", fidelity=FIDELITY)
+    if n_test is not None and n_test < len(test_ds):
+        test_ds = test_ds[np.arange(n_test)]
+    test = PackedData(test_ds, net.cutoff, net.fidelities, dtype=torch.float32)
+    m = error_metrics(net, test, device=device)
+    eval_s = time.perf_counter() - t0
+    arr = m["_arrays"][FIDELITY]
+    n_atoms = test.n_atoms.astype(float)
+    pred = {
+        "e_ref": arr["energy_ref"] * n_atoms, "e_pred": arr["energy_pred"] * n_atoms,
+        "f_ref": arr["forces_ref"], "f_pred": arr["forces_pred"],
+    }
+    errs = errors(**pred)
+    val = res.val_metrics.get(FIDELITY, {})
+    result = {
+        "energy_mae_meV": errs["energy_mae_meV"],
+        "force_mae_meV_A": errs["force_mae_meV_A"],
+        "train_s": res.train_s,
+        "train_cfg_per_s": frames / res.train_s if res.train_s > 0 else float("nan"),
+        "energy_rmse_meV": errs["energy_rmse_meV"],
+        "force_rmse_meV_A": errs["force_rmse_meV_A"],
+        "val_energy_mae_meV": val.get("energy_mae_meV"),
+        "val_force_mae_meV_A": val.get("force_mae_meV_A"),
+        "code": f"polyfid {polyfid.__version__}",
+        "params": net.n_parameters(),
+        "threads": threads,
+        "budget_s": budget_s,
+        "epochs": res.epochs,
+        "steps": steps,
+        "frames": frames,
+        "stopped": res.stopped,
+        "setup_s": wall_s - res.train_s,
+        "eval_s": eval_s,
+        "weights": "final EMA" if recipe.get("ema_decay") else "final",
+        "recipe": dict(recipe),
+        "model": dict(model),
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": test.n_frames,
+        "run_dir": str(run_dir),
+    }
+    return {"result": result, "pred": pred, "model": net, "test": test_ds}
