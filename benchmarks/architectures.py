@@ -483,7 +483,6 @@ def polyfid_option_keys() -> tuple[set[str], set[str]]:
 def parse_overrides(items: list[str], models: list[str]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """--set MODEL.KEY=VALUE -> {model: (architecture options, recipe options)}: the defaults with
     the overrides applied (values parsed as YAML)."""
-    import yaml
 
     out = {m: (dict(POLYFID_ARCH[m]), dict(POLYFID_RECIPE)) if m != "mace" else (dict(MACE_ARCH), dict(MACE_RECIPE))
            for m in MODELS}
@@ -493,12 +492,7 @@ def parse_overrides(items: list[str], models: list[str]) -> dict[str, tuple[dict
         model, dot, key = name.strip().partition(".")
         if not eq or not dot or model not in MODELS:
             raise SystemExit(f"--set expects MODEL.KEY=VALUE with MODEL one of {', '.join(MODELS)}, got {item!r}")
-        v = yaml.safe_load(value)
-        if isinstance(v, str):  # YAML 1.1 reads 2e-3 as a string
-            try:
-                v = float(v)
-            except ValueError:
-                pass
+        v = common.parse_value(value)
         arch, recipe = out[model]
         if model == "mace":
             arch_keys, recipe_keys = set(MACE_ARCH), set(MACE_RECIPE)

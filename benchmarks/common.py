@@ -352,6 +352,19 @@ def plot_parity(path: str | Path, title: str, entries: list[dict[str, Any]], max
     return path
 
 
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML, with 2e-3 read as a number (YAML 1.1 reads it as a string)."""
+    import yaml
+
+    v = yaml.safe_load(text)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    return v
+
+
 # ---- polyfid on rMD17 (shared by the benchmark scripts) -------------------------------
 def errors(e_ref, e_pred, f_ref, f_pred, prefix: str = "") -> dict[str, float]:
     """MAE/RMSE in meV (per molecule) and meV/Å (all Cartesian components) from eV arrays."""

@@ -33,7 +33,6 @@ budget (polyfid: its EMA weights, no best-validation selection).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -48,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import ARCH, FIDELITY, KCAL_MOL_EV, PEERS_RECIPE  # noqa: E402
+from common import ARCH, KCAL_MOL_EV, PEERS_RECIPE  # noqa: E402
 
 MOLECULES = ("ethanol", "aspirin")
 N_VAL = 50
@@ -90,109 +89,13 @@ def _write_outputs(a: argparse.Namespace, result: dict[str, Any], pred: dict[str
     Path(a.fragment).write_text(json.dumps(result, indent=2, default=common._json_default))
 
 
-def _errors(e_ref, e_pred, f_ref, f_pred, prefix: str = "") -> dict[str, float]:
-    """MAE/RMSE in meV (per molecule) and meV/Å (all Cartesian components) from eV arrays."""
-    de, df = 1e3 * (np.asarray(e_pred) - np.asarray(e_ref)), 1e3 * (np.asarray(f_pred) - np.asarray(f_ref))
-    return {
-        f"{prefix}energy_mae_meV": float(np.mean(np.abs(de))),
-        f"{prefix}force_mae_meV_A": float(np.mean(np.abs(df))),
-        f"{prefix}energy_rmse_meV": float(np.sqrt(np.mean(de**2))),
-        f"{prefix}force_rmse_meV_A": float(np.sqrt(np.mean(df**2))),
-    }
-
-
 def polyfid_worker(a: argparse.Namespace) -> None:
     common.set_threads(a.threads)
-    import torch
-
-    import polyfid
-    from polyfid.analysis.metrics import error_metrics
-    from polyfid.data.batch import PackedData
-    from polyfid.data.readers import read
-    from polyfid.train.run import run_training
-
-    train_file, test_file = common.rmd17_files(a.data_dir, a.molecule)
-    recipe = json.loads(a.recipe)
-    run_dir = Path(a.run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    config = {
-        "data": {
-            "train": [{"path": str(train_file), "format": "npz", "fidelity": FIDELITY}],
-            "val_size": N_VAL,
-            "seed": a.seed,
-        },
-        "model": dict(ARCH),
-        "training": {
-            "epochs": 10**8,  # the wall-clock budget ends training
-            "max_time_s": a.budget_s,
-            "dtype": "float32",
-            "seed": a.seed,
-            "num_threads": a.threads,
-            "device": a.device,
-            # no validation inside the budget: the final (EMA) weights are evaluated, as for hippynn
-            "eval_every": 10**9,
-            "early_stopping_patience": None,
-            **recipe,
-        },
-        "output": {"dir": str(run_dir), "tensorboard": False, "plots": False, "progress": False},
-    }
-    common.barrier(a.barrier, a.name, a.barrier_n)
-    t_start = time.perf_counter()
-    res = run_training(config)
-    wall_s = time.perf_counter() - t_start
-
-    # frames actually trained on, from the per-epoch log (the last epoch may be cut by the budget)
-    n_train = 1000 - N_VAL
-    bs = int(config["training"]["batch_size"])
-    full = math.ceil(n_train / bs)
-    frames = steps = 0
-    with open(run_dir / "metrics.csv") as fh:
-        for row in csv.DictReader(fh):
-            k = int(float(row["train_steps"]))
-            steps += k
-            frames += n_train if k == full else k * bs
-
-    t0 = time.perf_counter()
-    model = res.model
-    test = PackedData(read(test_file, format="npz", fidelity=FIDELITY), model.cutoff, model.fidelities,
-                      dtype=torch.float32)
-    m = error_metrics(model, test, device=a.device)
-    eval_s = time.perf_counter() - t0
-    arr = m["_arrays"][FIDELITY]
-    n_atoms = test.n_atoms.astype(float)
-    pred = {
-        "e_ref": arr["energy_ref"] * n_atoms, "e_pred": arr["energy_pred"] * n_atoms,
-        "f_ref": arr["forces_ref"], "f_pred": arr["forces_pred"],
-    }
-    errs = _errors(**pred)
-    val = res.val_metrics.get(FIDELITY, {})
-    result = {
-        "energy_mae_meV": errs["energy_mae_meV"],
-        "force_mae_meV_A": errs["force_mae_meV_A"],
-        "train_s": res.train_s,
-        "train_cfg_per_s": frames / res.train_s if res.train_s > 0 else float("nan"),
-        "energy_rmse_meV": errs["energy_rmse_meV"],
-        "force_rmse_meV_A": errs["force_rmse_meV_A"],
-        "val_energy_mae_meV": val.get("energy_mae_meV"),
-        "val_force_mae_meV_A": val.get("force_mae_meV_A"),
-        "code": f"polyfid {polyfid.__version__}",
-        "params": model.n_parameters(),
-        "threads": a.threads,
-        "budget_s": a.budget_s,
-        "epochs": res.epochs,
-        "steps": steps,
-        "frames": frames,
-        "stopped": res.stopped,
-        "setup_s": wall_s - res.train_s,
-        "eval_s": eval_s,
-        "weights": "final EMA" if recipe.get("ema_decay") else "final",
-        "recipe": recipe,
-        "n_train": n_train,
-        "n_val": N_VAL,
-        "n_test": test.n_frames,
-        "run_dir": str(run_dir),
-    }
-    _write_outputs(a, result, pred)
+    out = common.train_polyfid_rmd17(
+        a.data_dir, a.molecule, ARCH, json.loads(a.recipe), a.budget_s, a.run_dir, threads=a.threads,
+        device=a.device, seed=a.seed, n_val=N_VAL, barrier_dir=a.barrier, barrier_name=a.name,
+        barrier_n=a.barrier_n)
+    _write_outputs(a, out["result"], out["pred"])
 
 
 def _compiled_graphs() -> int:
@@ -320,8 +223,8 @@ def hippynn_worker(a: argparse.Namespace) -> None:
     e_ref = te["energies"] * KCAL_MOL_EV
     f_ref = te["forces"] * KCAL_MOL_EV
     pred = {"e_ref": e_ref, "e_pred": e_pred, "f_ref": f_ref.ravel(), "f_pred": f_pred.ravel()}
-    errs = _errors(**pred)
-    val = _errors(*predict("valid"), prefix="val_")
+    errs = common.errors(**pred)
+    val = common.errors(*predict("valid"), prefix="val_")
     eval_s = time.perf_counter() - t0
     import hippynn.custom_kernels as ck
 
@@ -445,14 +348,12 @@ def checks(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    import yaml
-
     out = {}
     for item in items:
         if "=" not in item:
             raise SystemExit(f"--long-set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        out[k.strip()] = common.parse_value(v)
     return out
 
 
