@@ -25,7 +25,88 @@ def add_parser(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, help="parallel fits (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    g = p.add_argument_group(
+        "potentials", "--potential TRAIN --test TEST: linear and multilinear ridge on moment-tensor invariants and a "
+        "ridge on HIP-NN's atom features against HIP-NN, as learning curves of test energy and force errors")
+    g.add_argument("--potential", metavar="TRAIN", help="training file with energies and forces (any polyfid format)")
+    g.add_argument("--test", metavar="TEST", help="test file with energies and forces")
+    g.add_argument("--fidelity", help="label set to use (default: the training file's first)")
+    g.add_argument("--format", help="reader of both files (default: detected)")
+    g.add_argument("--sizes", type=int, nargs="+",
+                   help="training-set sizes (default 50 100 250 500 950; --quick: 50 200)")
+    g.add_argument("--budget-s", type=float, help="training time of each network at each size (default 90; quick 20)")
+    g.add_argument("--val-size", type=int, default=50, help="validation frames split off the training file (50)")
+    g.add_argument("--networks", nargs="+", choices=["hipnn", "hiphop"], default=["hipnn"],
+                   help="networks to train (default hipnn)")
+    g.add_argument("--no-feature-model", action="store_true", help="skip the ridge on HIP-NN's atom features")
+    g.add_argument("--select", help="frames of the training file to use, a slice such as 0:300")
+    g.add_argument("--test-select", help="frames of the test file to use (default all; --quick: 0:200)")
+    g.add_argument("--radial", choices=["bessel", "gaussian"], default="bessel", help="radial basis (bessel)")
+    g.add_argument("--n-radial", type=int, default=8, help="radial functions (8)")
+    g.add_argument("--cutoff", type=float, default=5.0, help="descriptor cutoff, Å (5)")
+    g.add_argument("--element-channels", choices=["single", "blind", "pairs"], default="pairs",
+                   help="neighbour-element channel blocks (pairs)")
+    g.add_argument("--components", type=int, default=20,
+                   help="principal components per element whose pairwise products the multilinear model adds (20)")
+    g.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="network model option, e.g. --model-set n_features=64 (repeatable)")
+    g.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="network training option, e.g. --train-set lr=2e-3 (repeatable)")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=run)
+
+
+def _key_values(items: list[str], option: str) -> dict:
+    import yaml
+
+    from polyfid.data.errors import DataError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DataError(f"{option} {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def run_potential(args) -> int:
+    """polyfid diagnose --potential TRAIN --test TEST: the descriptor diagnostic of a potential."""
+    from pathlib import Path
+
+    from polyfid.data.errors import DataError
+    from polyfid.diagnose.potentials import (
+        DEFAULT_SIZES,
+        diagnose_potential,
+        load_potential_data,
+        write_potential_report,
+    )
+
+    if not args.test:
+        raise DataError("--potential TRAIN needs --test TEST (frames with energies and forces)")
+    test_select = args.test_select or ("0:200" if args.quick else None)
+    data = load_potential_data(args.potential, args.test, fidelity=args.fidelity, val_size=args.val_size,
+                               seed=args.seed, format=args.format, select=args.select, test_select=test_select)
+    sizes = args.sizes or ((50, 200) if args.quick else DEFAULT_SIZES)
+    budget = args.budget_s if args.budget_s is not None else (20.0 if args.quick else 90.0)
+    out = Path(args.out or Path("runs") / "diagnose" / data.name)
+    log = None if args.json else print
+    d = diagnose_potential(
+        data, sizes=sizes, budget_s=budget, networks=args.networks, feature_models=not args.no_feature_model,
+        out=out / "networks", radial=args.radial, n_radial=args.n_radial, cutoff=args.cutoff,
+        element_channels=args.element_channels, n_components=args.components,
+        model_options=_key_values(args.model_set, "--model-set"),
+        training_options=_key_values(args.train_set, "--train-set"), min_gain=args.min_gain,
+        feature_tangents=6 if args.quick else 9, seed=args.seed, threads=args.threads, log=log)
+    report = write_potential_report(d, out, title=data.name)
+    if args.json:
+        print(json.dumps(d.to_dict() | {"report": str(report)}, indent=2))
+    else:
+        print(f"verdict: {d.verdict}")
+        for e in d.evidence:
+            print(f"  - {e}")
+        print(f"report: {report}")
+    return 0
 
 
 def run(args) -> int:
@@ -34,6 +115,8 @@ def run(args) -> int:
     from polyfid.data.errors import DataError
     from polyfid.diagnose import diagnose, example, read_table, write_report
 
+    if args.potential:
+        return run_potential(args)
     if args.example:
         X, y, names, target, unit = example(args.example)
         label = args.example

@@ -338,7 +338,9 @@ class Trainer:
             bar.close()
             if self._writer is not None:
                 self._writer.close()
-        if self.val is None or not (self.out / BEST_MODEL).exists():
+        # never validated (no validation set, or eval_every beyond the run): the final weights;
+        # a model.pt left in the folder by an earlier run must not stand in for them
+        if self.val is None or self.state.best_epoch < 0:
             self.save_best_model()
         self.save_checkpoint()
         return self.state
