@@ -58,7 +58,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import math
 import subprocess
 import sys
 import time
@@ -333,49 +332,36 @@ def mace_worker(a: argparse.Namespace) -> None:
         {"params": list(model.products.parameters()), "weight_decay": wd},
         {"params": list(model.readouts.parameters()), "weight_decay": 0.0},
     ]
-    lr0, min_lr = float(recipe["lr"]), float(recipe.get("min_lr", 0.0))
-    optimizer = torch.optim.Adam(groups, lr=lr0, amsgrad=bool(recipe["amsgrad"]))
+    optimizer = torch.optim.Adam(groups, lr=float(recipe["lr"]), amsgrad=bool(recipe["amsgrad"]))
     ema = ExponentialMovingAverage(model.parameters(), decay=float(recipe["ema_decay"])) \
         if recipe.get("ema_decay") else None
-    w_e, w_f = float(recipe["energy_weight"]), float(recipe["force_weight"])
-    w_e_final, final_fraction = recipe.get("final_energy_weight"), float(recipe.get("final_fraction", 0.25))
+    w_f = float(recipe["force_weight"])
     clip = recipe.get("grad_clip")
     budget = float(a.budget_s)
     setup_s = time.perf_counter() - t_setup
 
     # training: loss w_e·MSE(E/N) + w_f·MSE(F) in eV, cosine learning rate over the wall-clock budget
     model.train()
-    steps = frames = epochs = 0
+    steps = frames = 0
+    schedule = common.BudgetSchedule(budget, optimizer, recipe)
     t_start = time.perf_counter()
-    done = False
-    while not done:
-        for batch in loader:
-            elapsed = time.perf_counter() - t_start
-            if elapsed >= budget:
-                done = True
-                break
-            frac = min(elapsed / budget, 1.0)
-            lr = min_lr + 0.5 * (lr0 - min_lr) * (1.0 + math.cos(math.pi * frac))
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            energy_weight = w_e_final if (w_e_final is not None and frac >= 1.0 - final_fraction) else w_e
-            batch = batch.to(device)
-            out = model(batch.to_dict(), training=True, compute_force=True)
-            n_per = (batch.ptr[1:] - batch.ptr[:-1]).to(out["energy"].dtype)
-            mse_e = torch.mean(((out["energy"] - batch.energy) / n_per) ** 2)
-            mse_f = torch.mean((out["forces"] - batch.forces) ** 2)
-            loss = energy_weight * mse_e + w_f * mse_f
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float(clip))
-            optimizer.step()
-            if ema is not None:
-                ema.update()
-            steps += 1
-            frames += int(batch.num_graphs)
-        else:
-            epochs += 1
+    for batch, energy_weight in schedule.run(lambda: loader):
+        batch = batch.to(device)
+        out = model(batch.to_dict(), training=True, compute_force=True)
+        n_per = (batch.ptr[1:] - batch.ptr[:-1]).to(out["energy"].dtype)
+        mse_e = torch.mean(((out["energy"] - batch.energy) / n_per) ** 2)
+        mse_f = torch.mean((out["forces"] - batch.forces) ** 2)
+        loss = energy_weight * mse_e + w_f * mse_f
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float(clip))
+        optimizer.step()
+        if ema is not None:
+            ema.update()
+        steps += 1
+        frames += int(batch.num_graphs)
+    epochs = schedule.epochs
     common.synchronize(a.device)
     train_s = time.perf_counter() - t_start
 

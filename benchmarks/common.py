@@ -352,6 +352,36 @@ def plot_parity(path: str | Path, title: str, entries: list[dict[str, Any]], max
     return path
 
 
+class BudgetSchedule:
+    """Batches for a wall-clock budget (s): cosine learning rate from lr0 to min_lr over the
+    budget, energy weight raised to final_energy_weight for the last final_fraction of it (the
+    PEERS.md recipe). Iterate `run(make_batches)` to get (batch, energy_weight); `epochs`
+    counts the passes completed and `elapsed` the time since the first batch."""
+
+    def __init__(self, budget_s: float, optimizer, recipe: dict[str, Any]) -> None:
+        self.budget, self.optimizer = float(budget_s), optimizer
+        self.lr0, self.min_lr = float(recipe["lr"]), float(recipe.get("min_lr", 0.0))
+        self.w_e = float(recipe["energy_weight"])
+        self.w_e_final = recipe.get("final_energy_weight")
+        self.final_fraction = float(recipe.get("final_fraction", 0.25))
+        self.epochs, self.elapsed = 0, 0.0
+
+    def run(self, make_batches):
+        t_start = time.perf_counter()
+        while True:
+            for batch in make_batches():
+                self.elapsed = time.perf_counter() - t_start
+                if self.elapsed >= self.budget:
+                    return
+                frac = min(self.elapsed / self.budget, 1.0)
+                lr = self.min_lr + 0.5 * (self.lr0 - self.min_lr) * (1.0 + math.cos(math.pi * frac))
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                final = self.w_e_final is not None and frac >= 1.0 - self.final_fraction
+                yield batch, (float(self.w_e_final) if final else self.w_e)
+            self.epochs += 1
+
+
 def parse_value(text: str) -> Any:
     """A command-line value as YAML, with 2e-3 read as a number (YAML 1.1 reads it as a string)."""
     import yaml

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -166,40 +165,27 @@ def hippynn_worker(a: argparse.Namespace) -> None:
     warmup_s = time.perf_counter() - t0
     graphs_before = _compiled_graphs()
 
-    lr0, min_lr = float(recipe["lr"]), float(recipe.get("min_lr", 0.0))
-    w_e, w_f = float(recipe["energy_weight"]), float(recipe["force_weight"])
-    w_e_final, final_fraction = recipe.get("final_energy_weight"), float(recipe.get("final_fraction", 0.25))
+    w_f = float(recipe["force_weight"])
     budget = float(a.budget_s)
 
     common.barrier(a.barrier, a.name, a.barrier_n)
     model.train()
-    steps = frames = epochs = 0
+    steps = frames = 0
+    schedule = common.BudgetSchedule(budget, optimizer, recipe)
     t_start = time.perf_counter()
-    done = False
-    while not done:
-        for batch in db.make_generator("train", "train", batch_size=bs):
-            elapsed = time.perf_counter() - t_start
-            if elapsed >= budget:
-                done = True
-                break
-            frac = min(elapsed / budget, 1.0)
-            lr = min_lr + 0.5 * (lr0 - min_lr) * (1.0 + math.cos(math.pi * frac))
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            energy_weight = w_e_final if (w_e_final is not None and frac >= 1.0 - final_fraction) else w_e
-            batch = [x.to(device, non_blocking=True) for x in batch]
-            inputs, targets = batch[:n_in], [x.requires_grad_(False) for x in batch[n_in:]]
-            outs = model(*inputs)
-            mse_e, mse_f = loss_module(*outs, *targets)
-            # 1·MSE(E/N) + 100·MSE(F): N is the same for every frame of one molecule
-            loss = energy_weight * mse_e / n_atoms**2 + w_f * mse_f
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            frames += int(inputs[0].shape[0])
-        else:
-            epochs += 1
+    for batch, energy_weight in schedule.run(lambda: db.make_generator("train", "train", batch_size=bs)):
+        batch = [x.to(device, non_blocking=True) for x in batch]
+        inputs, targets = batch[:n_in], [x.requires_grad_(False) for x in batch[n_in:]]
+        outs = model(*inputs)
+        mse_e, mse_f = loss_module(*outs, *targets)
+        # 1·MSE(E/N) + 100·MSE(F): N is the same for every frame of one molecule
+        loss = energy_weight * mse_e / n_atoms**2 + w_f * mse_f
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        frames += int(inputs[0].shape[0])
+    epochs = schedule.epochs
     common.synchronize(a.device)
     train_s = time.perf_counter() - t_start
     compiles_in_budget = _compiled_graphs() - graphs_before
