@@ -99,13 +99,19 @@ def run_potential(args) -> int:
         training_options=_key_values(args.train_set, "--train-set"), min_gain=args.min_gain,
         feature_tangents=6 if args.quick else 9, seed=args.seed, threads=args.threads, log=log)
     report = write_potential_report(d, out, title=data.name)
-    if args.json:
+    return _print(d, report, args.json)
+
+
+def _print(d, report, as_json: bool, formula: str | None = None) -> int:
+    if as_json:
         print(json.dumps(d.to_dict() | {"report": str(report)}, indent=2))
-    else:
-        print(f"verdict: {d.verdict}")
-        for e in d.evidence:
-            print(f"  - {e}")
-        print(f"report: {report}")
+        return 0
+    print(f"verdict: {d.verdict}")
+    for e in d.evidence:
+        print(f"  - {e}")
+    if formula is not None:
+        print(f"  formula: {formula}")
+    print(f"report: {report}")
     return 0
 
 
@@ -129,12 +135,4 @@ def run(args) -> int:
                  n_jobs=args.jobs, seed=args.seed)
     out = Path(args.out or Path("runs") / "diagnose" / label)
     report = write_report(d, out, title=label, unit=unit)
-    if args.json:
-        print(json.dumps(d.to_dict() | {"report": str(report)}, indent=2))
-    else:
-        print(f"verdict: {d.verdict}")
-        for e in d.evidence:
-            print(f"  - {e}")
-        print(f"  formula: {d.formula}")
-        print(f"report: {report}")
-    return 0
+    return _print(d, report, args.json, d.formula)
