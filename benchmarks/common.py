@@ -367,6 +367,8 @@ class BudgetSchedule:
         self.epochs, self.elapsed = 0, 0.0
 
     def run(self, make_batches):
+        from polyfid.train.trainer import cosine_lr
+
         t_start = time.perf_counter()
         while True:
             for batch in make_batches():
@@ -374,9 +376,8 @@ class BudgetSchedule:
                 if self.elapsed >= self.budget:
                     return
                 frac = min(self.elapsed / self.budget, 1.0)
-                lr = self.min_lr + 0.5 * (self.lr0 - self.min_lr) * (1.0 + math.cos(math.pi * frac))
                 for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = cosine_lr(self.lr0, self.min_lr, frac)
                 final = self.w_e_final is not None and frac >= 1.0 - self.final_fraction
                 yield batch, (float(self.w_e_final) if final else self.w_e)
             self.epochs += 1

@@ -16,13 +16,19 @@ batched by graph shape: one broadcast contraction per shape for all its channel 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from polyfid.descriptors.moments import InverseGaussianRadial, Radial, _symbol, atomic_base
-from polyfid.invariants import Contraction, TensorType, enumerate_contractions, random_points, select_independent
+from polyfid.invariants import (
+    Contraction,
+    Selection,
+    TensorType,
+    enumerate_contractions,
+    random_points,
+    select_independent,
+)
 
 
 def _contract(ops: list[tuple[torch.Tensor, str]]) -> torch.Tensor:
@@ -61,6 +67,8 @@ class ACEBasis:
     max_correlation: int = 4
     max_degree: int | None = None
     functions: list[Contraction] | None = None
+    #: the greedy decisions that produced this basis, when it comes from `prune`
+    selection: Selection | None = None
 
     def __post_init__(self) -> None:
         self.elements = [int(z) for z in self.elements]
@@ -100,10 +108,8 @@ class ACEBasis:
     def prune(self, n_points: int = 2, seed: int = 0, tol: float = 1e-8) -> ACEBasis:
         """The functionally independent subset (greedy Jacobian rank on the A coordinates)."""
         sel = select_independent(self.functions, self.types, random_points(self.types, n_points, seed), tol)
-        pruned = ACEBasis(self.elements, self.radial, self.l_max, self.max_correlation, self.max_degree,
-                          [self.functions[i] for i in sel.selected])
-        pruned.selection = sel
-        return pruned
+        return ACEBasis(self.elements, self.radial, self.l_max, self.max_correlation, self.max_degree,
+                        [self.functions[i] for i in sel.selected], sel)
 
     def _group(self) -> list[tuple[list[int], list[int], list[str], torch.Tensor]]:
         """Functions of one graph shape (orders of the factors in node order, and edges),
@@ -135,7 +141,7 @@ class ACEBasis:
 
 def ace_counts(basis: ACEBasis, pruned: ACEBasis) -> dict[str, object]:
     """Descriptor counts per body order before and after pruning, and the rank evidence."""
-    sel = getattr(pruned, "selection", None)
+    sel = pruned.selection
     return {
         "coordinates": basis.n_coordinates, "max_rank": basis.n_coordinates - 3,
         "full": basis.n_functions, "pruned": pruned.n_functions,
@@ -144,6 +150,3 @@ def ace_counts(basis: ACEBasis, pruned: ACEBasis) -> dict[str, object]:
         "largest_rejected": None if sel is None else sel.largest_rejected,
     }
 
-
-def channels(elements: Sequence[int], n_radial: int) -> list[str]:
-    return [f"{_symbol(z)}{nu}" for z in elements for nu in range(n_radial)]

@@ -15,6 +15,7 @@ from torch import nn
 
 from polyfid.data.batch import Batch, PackedData
 from polyfid.descriptors.moments import element_index
+from polyfid.train.trainer import cosine_lr
 
 #: positions (N, 3) Å, atomic numbers (N,), pair_i (P,), pair_j (P,)  ->  (N, D)
 Descriptor = Callable[..., torch.Tensor]
@@ -103,7 +104,7 @@ def train_descriptor_network(model: DescriptorNetwork, train: PackedData, budget
             if elapsed >= budget_s:
                 return FitResult(elapsed, epochs, steps, frames)
             for group in opt.param_groups:
-                group["lr"] = min_lr + 0.5 * (lr - min_lr) * (1 + np.cos(np.pi * elapsed / budget_s))
+                group["lr"] = cosine_lr(lr, min_lr, elapsed / budget_s)
             b = train.batch(order[s:s + batch_size])
             out = model(b, forces=True, create_graph=True)
             n = b.n_atoms.to(out["energy"])

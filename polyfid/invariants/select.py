@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from polyfid.invariants.graphs import Contraction, TensorType, enumerate_contractions
-from polyfid.invariants.jacobian import DTYPE, jacobian, n_coordinates, orbit_dimension
+from polyfid.invariants.jacobian import DTYPE, coordinates_from_tensors, jacobian, n_coordinates, orbit_dimension
+from polyfid.models.layers.tensors import cartesian_harmonics, split_orders
 
 TOL = 1e-8
 
@@ -132,18 +133,11 @@ def completeness_table(l_values: list[int], n_values: list[int], n_points: int =
 # ---- degenerate points -------------------------------------------------------------------
 def environment_point(directions: torch.Tensor, weights: torch.Tensor, types: list[TensorType]) -> torch.Tensor:
     """Coordinates of the moment tensors Σ_j w_j Y^l(r̂_j) of a neighbour environment (one per type)."""
-    from polyfid.invariants.jacobian import coordinates_from_tensors
-    from polyfid.models.layers.tensors import cartesian_harmonics
-
     u = torch.nn.functional.normalize(directions.to(DTYPE), dim=1)
     lmax = max(t.order for t in types)
-    y = (weights.to(DTYPE)[:, None] * cartesian_harmonics(u, lmax)).sum(0)
-    tensors, start = [], 0
-    widths = [3**k for k in range(lmax + 1)]
-    for t in types:
-        start = sum(widths[:t.order])
-        tensors.append(y[start:start + widths[t.order]].reshape((3,) * t.order))
-    return coordinates_from_tensors(tensors, types)
+    y = (weights.to(DTYPE)[:, None] * cartesian_harmonics(u, lmax)).sum(0, keepdim=True)  # (1, Σ 3^l)
+    by_order = [p[0, ..., 0] for p in split_orders(y.unsqueeze(-1), lmax)]  # s (), v (3,), Q (3, 3), ...
+    return coordinates_from_tensors([by_order[t.order] for t in types], types)
 
 
 def _rotation(seed: int) -> torch.Tensor:
@@ -186,16 +180,19 @@ def degenerate_points(types: list[TensorType], seed: int = 1) -> dict[str, torch
 
 
 def degenerate_report(l_max: int, max_tensors: int, extra_tensors: int = 1, seed: int = 0,
-                      tol: float = TOL) -> dict[str, Any]:
+                      tol: float = TOL, generic: Selection | None = None) -> dict[str, Any]:
     """At each degenerate point: the rank of the generic selection, the rank all candidates
     reach (up to max_tensors + extra_tensors factors), and the candidates that restore it.
 
     A selection that is complete at generic points may lose rank at a special point although
     other invariants still separate the directions there; the extra ones, added to the generic
-    set, make a "flexible" set that stays complete at that point.
+    set, make a "flexible" set that stays complete at that point. `generic`: the selection at
+    (l_max, max_tensors) when the caller already has it.
     """
     types = hiphop_types(l_max)
-    generic = select_independent(enumerate_contractions(types, max_tensors), types, random_points(types, 2, seed), tol)
+    if generic is None:
+        generic = select_independent(enumerate_contractions(types, max_tensors), types,
+                                     random_points(types, 2, seed), tol)
     pool = enumerate_contractions(types, max_tensors + extra_tensors)
     index = {c: i for i, c in enumerate(pool)}
     base = [index[generic.candidates[i]] for i in generic.selected]
@@ -243,5 +240,5 @@ def invariant_report(l_max: int = 3, max_tensors: int = 4, n_points: int = 2, se
         out["check"] = {"invariants": check, "rank": rank_of(idx, pool, types, points[0], tol),
                         "required": out["required"]}
     if degenerate and l_max >= 1:
-        out["degenerate"] = degenerate_report(l_max, max_tensors, seed=seed, tol=tol)
+        out["degenerate"] = degenerate_report(l_max, max_tensors, seed=seed, tol=tol, generic=sel)
     return out

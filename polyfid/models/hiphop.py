@@ -20,8 +20,8 @@ from torch import nn
 
 from polyfid.models.hipnn import HIPNN
 from polyfid.models.hipnn_ts import TensorEnvironment
-from polyfid.models.layers.geometry import PairGeometry, bmm
-from polyfid.models.layers.tensors import INVARIANTS, cartesian_harmonics, invariant_names, invariants, split_orders
+from polyfid.models.layers.geometry import PairGeometry
+from polyfid.models.layers.tensors import INVARIANTS, invariant_names, invariants
 
 
 class InvariantInteraction(TensorEnvironment):
@@ -39,8 +39,7 @@ class InvariantInteraction(TensorEnvironment):
         self.filter = nn.Linear(n_sens, self.n_tensor, bias=False)
         self.features = nn.Linear(n_in, self.n_tensor, bias=False)
 
-    def tensors(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor, n_tensor: int | None = None
-                ) -> list[torch.Tensor]:
+    def tensors(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor) -> list[torch.Tensor]:
         """[v, Q, T] up to l_max, (N, 3, ..., A_t): T^l_ia = Σ_j (Σ_ν C_νa s_ν(r_ij)) (Σ_b W_ab z_jb) Y^l(r̂_ij).
 
         The full V^ν_ab of HIP-NN-TS would need an (N·K, n_sens, A_t) message per pair and its
@@ -48,10 +47,8 @@ class InvariantInteraction(TensorEnvironment):
         the factorised message is one (N·K, n_sens) × (n_sens, A_t) matmul and one gather.
         """
         n, k = z.shape[0], geom.max_neighbors
-        y = cartesian_harmonics(geom.pad(geom.vec / geom.r.unsqueeze(1)), self.l_max)[:, 1:]  # (N·K, M − 1)
-        h = self.filter(s) * geom.neighbor_features(self.features(z)).view(n * k, -1)  # (N·K, A_t)
-        higher = bmm(y.view(n, k, -1).transpose(1, 2), h.view(n, k, -1))  # (N, M − 1, A_t)
-        return split_orders(torch.cat([higher.new_zeros(n, 1, higher.shape[-1]), higher], 1), self.l_max)[1:]
+        h = self.filter(s).view(n, k, -1) * geom.neighbor_features(self.features(z))  # (N, K, A_t)
+        return self.moments(geom, h)
 
     def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
         s = self.sensitivity(inv_r, cut)

@@ -27,22 +27,24 @@ class TensorEnvironment(Interaction):
             raise ValueError(f"l_max must be 1, 2 or 3, not {l_max}")
         self.l_max = l_max
 
-    def tensors(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor, n_tensor: int | None = None
-                ) -> list[torch.Tensor]:
-        """[v (N, 3, A_t), Q (N, 3, 3, A_t), T (N, 3, 3, 3, A_t)] up to l_max, built with the first
-        A_t = n_tensor channels of V (default all); s: (N·K, n_sens) sensitivities, padded layout."""
+    def tensors(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor) -> list[torch.Tensor]:
+        """[v (N, 3, A), Q (N, 3, 3, A), T (N, 3, 3, 3, A)] up to l_max, A = n_out; s: (N·K, n_sens)
+        sensitivities in the padded layout."""
         # V first: m_jνa = Σ_b V^ν_ab z_jb per atom, then per pair Σ_ν s_ν m_jνa, then Σ_j Y^l:
         # far fewer operations than contracting an (N, n_in, n_sens, 3^l) environment with V.
-        # The (N·K, n_sens, A_t) pair messages and their second derivatives dominate the cost,
-        # hence A_t < n_out; the order-0 term goes HIP-NN's way (`scalar_term`).
+        # The (N·K, n_sens, A) pair messages and their second derivatives dominate the cost
+        # (HIP-HOP-NN factorises V instead); the order-0 term goes HIP-NN's way (`scalar_term`).
         n, k = z.shape[0], geom.max_neighbors
-        a_t = self.n_out if n_tensor is None else n_tensor
-        w = self.weight if a_t == self.n_out else self.weight[:, :, :a_t]
+        msg = (z @ self.weight.view(self.n_in, -1)).view(n, self.n_sens * self.n_out)
+        h = bmm(s.unsqueeze(1), geom.neighbor_features(msg).view(n * k, self.n_sens, self.n_out))  # (N·K, 1, A)
+        return self.moments(geom, h.view(n, k, self.n_out))
+
+    def moments(self, geom: PairGeometry, h: torch.Tensor) -> list[torch.Tensor]:
+        """Σ_j h_ija Y^l(r̂_ij) for l = 1..l_max; h: (N, K, A) pair messages in the padded layout."""
+        n, k, a = h.shape
         y = cartesian_harmonics(geom.pad(geom.vec / geom.r.unsqueeze(1)), self.l_max)[:, 1:]  # (N·K, M − 1)
-        msg = (z @ w.reshape(self.n_in, -1)).view(n, self.n_sens * a_t)
-        h = bmm(s.unsqueeze(1), geom.neighbor_features(msg).view(n * k, self.n_sens, a_t))  # (N·K, 1, A_t)
-        higher = bmm(y.view(n, k, -1).transpose(1, 2), h.view(n, k, a_t))  # (N, M − 1, A_t)
-        return split_orders(torch.cat([higher.new_zeros(n, 1, a_t), higher], 1), self.l_max)[1:]
+        higher = bmm(y.view(n, k, -1).transpose(1, 2), h)  # (N, M − 1, A)
+        return split_orders(torch.cat([higher.new_zeros(n, 1, a), higher], 1), self.l_max)[1:]
 
     def scalar_term(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor) -> torch.Tensor:
         """HIP-NN's interaction: W z + B + Σ_{ν,b} V^ν_ab Σ_j s_ν z_jb, (N, n_out)."""

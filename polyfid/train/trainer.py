@@ -33,6 +33,11 @@ CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "model.pt"
 
 
+def cosine_lr(lr: float, min_lr: float, frac: float) -> float:
+    """Cosine decay from lr to min_lr as the used fraction of the budget goes from 0 to 1."""
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * frac))
+
+
 @dataclass
 class TrainState:
     """Everything besides tensors that a resumed run needs."""
@@ -112,7 +117,7 @@ class Trainer:
     def _lr(self, frac: float) -> float:
         c = self.cfg
         if c.scheduler == "cosine":
-            return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + math.cos(math.pi * frac))
+            return cosine_lr(c.lr, c.min_lr, frac)
         return self.state.lr
 
     def _weights(self, frac: float) -> dict[str, torch.Tensor]:

@@ -104,7 +104,8 @@ def test_table_reproduces_thirteen_of_thirteen():
     assert rows[2, 4]["selected"] == rows[2, 4]["required"] == 6
     assert rows[3, 3]["selected"] < 13  # three factors are not enough at l = 3
     # a clear gap separates what was kept from what was rejected
-    assert rows[3, 4]["smallest_kept"] > 1e-4 > 1e-10 > rows[3, 4]["largest_rejected"]
+    assert rows[3, 4]["smallest_kept"] > 1e-4
+    assert rows[3, 4]["largest_rejected"] < 1e-10
 
 
 def test_dependent_candidates_are_rejected():
