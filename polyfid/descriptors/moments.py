@@ -28,7 +28,13 @@ from typing import NamedTuple
 
 import torch
 
-from polyfid.models.layers.tensors import INVARIANTS, WIDTHS, cartesian_harmonics, invariant_names, invariants
+from polyfid.models.layers.tensors import (
+    INVARIANTS,
+    cartesian_harmonics,
+    invariant_names,
+    invariants,
+    split_orders,
+)
 
 #: a radial basis: distances r (P,) in Å  ->  (P, n_radial), zero (with zero slope) at the cutoff
 Radial = Callable[[torch.Tensor], torch.Tensor]
@@ -187,19 +193,7 @@ def atomic_base(
         (N, K_max) layout and one batched matmul, so no (P, Σ3^l, K) intermediate is built.
     """
     flat = _base(positions, species, pair_i, pair_j, radial, elements, l_max, shifts, embedding).flat
-    return _split(flat, l_max)
-
-
-def _split(flat: torch.Tensor, l_max: int) -> list[torch.Tensor]:
-    """(N, W, K) -> [s (N, K), v (N, 3, K), Q (N, 3, 3, K), T (N, 3, 3, 3, K)] up to l_max."""
-    n_atoms, n_chan = flat.shape[0], flat.shape[2]
-    out, start = [], 0
-    for l_ in range(l_max + 1):
-        w = WIDTHS[l_]
-        out.append(flat[:, start:start + w].reshape((n_atoms,) + (3,) * l_ + (n_chan,)))
-        start += w
-    out[0] = out[0].reshape(n_atoms, n_chan)
-    return out
+    return split_orders(flat, l_max)
 
 
 def invariants_and_jacobian(flat: torch.Tensor, names: Sequence[str], l_max: int = 3,

@@ -197,11 +197,6 @@ class InvariantFeatures:
         m = self.n_components
         return m * (m + 1) // 2
 
-    def linear_columns(self) -> torch.Tensor:
-        """Indices of the descriptor columns (not the products) among all columns."""
-        s, d = len(self.elements), self.n_linear
-        return torch.arange(s * d)
-
     def fit_products(self, packed: PackedData, index: Sequence[int], n_components: int,
                      max_atoms: int = 2000) -> None:
         """Principal axes of the standardised descriptors of each element in frames `index`."""
@@ -475,8 +470,6 @@ class RidgeAccumulator:
         self.e_base = torch.zeros(self.s, dtype=torch.float64) if e_base is None else e_base.double()
         self.energy_gram = torch.zeros(self.c + self.s + 1, self.c + self.s + 1, dtype=torch.float64)
         self.force_gram = torch.zeros(self.c + 1, self.c + 1, dtype=torch.float64)
-        self.n_frames = 0
-        self.n_force_rows = 0
 
     def add(self, block: DesignBlock) -> None:
         n = block.n_atoms.unsqueeze(1)
@@ -485,8 +478,6 @@ class RidgeAccumulator:
         self.energy_gram += a.T @ a
         f = torch.cat([block.XF, block.forces.unsqueeze(1)], 1)
         self.force_gram += f.T @ f
-        self.n_frames += len(block.energy)
-        self.n_force_rows += len(block.forces)
 
     def copy(self) -> RidgeAccumulator:
         return copy.deepcopy(self)
@@ -569,20 +560,6 @@ class RidgeSystem:
         w[keep] = torch.cholesky_solve(torch.stack([rk, rk], 1), chol)[:, 0] / sk
         e0 = self.dpinv @ (self.bc - self.bmat.T @ w) + self.e_base
         return RidgeModel(w, e0, self.cols, float(lam), float(fw))
-
-
-def ridge_path(
-    acc: RidgeAccumulator,
-    columns: torch.Tensor | None = None,
-    lambdas: Sequence[float] = LAMBDAS,
-    force_weights: Sequence[float] = FORCE_WEIGHTS,
-) -> list[RidgeModel]:
-    """Ridge solutions (`RidgeSystem`) for every (force weight, λ)."""
-    system = RidgeSystem(acc, columns)
-    out = [m for fw in force_weights for lam in lambdas if (m := system.solve(fw, lam)) is not None]
-    if not out:
-        raise RuntimeError("ridge: no (λ, force weight) gave a positive definite system")
-    return out
 
 
 def ridge_search(

@@ -17,11 +17,13 @@ from polyfid.neighbors import neighbor_pairs
 ELEMENTS = [1, 6, 8]
 
 
-def cluster(seed: int = 0, n: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random H/C/O cluster (Å) with no two atoms closer than ~0.9 Å."""
+def cluster(seed: int = 0, n: int = 7, spacing: float = 1.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random H/C/O cluster (Å) on a jittered cube of edge `spacing`: at 1.2 Å every atom sees
+    all others within 3 Å; at 1.9 Å the body diagonals fall outside, so neighbour counts differ
+    and the padded neighbour slots are exercised."""
     rng = np.random.default_rng(seed)
     grid = np.array(list(itertools.product(range(2), range(2), range(2))), float)[:n]
-    pos = 1.2 * grid + rng.normal(scale=0.15, size=(n, 3))
+    pos = spacing * grid + rng.normal(scale=0.15, size=(n, 3))
     species = rng.choice(ELEMENTS, size=n)
     species[:3] = ELEMENTS  # every element present
     return torch.tensor(pos, dtype=torch.float64), torch.tensor(species)
@@ -51,9 +53,12 @@ def test_names_and_sizes(desc) -> None:
     assert element_embedding([1, 8], "pairs")[0].shape == (2, 3)  # two elements: the pair is the blind block
 
 
-def test_invariant_to_rotation_translation_permutation(desc) -> None:
-    pos, z = cluster()
+@pytest.mark.parametrize("spacing", [1.2, 1.9])
+def test_invariant_to_rotation_translation_permutation(desc, spacing) -> None:
+    pos, z = cluster(spacing=spacing)
     i, j = pairs(pos, desc.cutoff)
+    if spacing > 1.5:  # uneven neighbour counts: padded slots in the neighbour layout
+        assert len(set(torch.bincount(i).tolist())) > 1
     d = desc(pos, z, i, j)
     assert d.shape == (len(z), desc.n_descriptors) and torch.isfinite(d).all()
     rot = pos @ random_rotation(1).T + torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
@@ -108,9 +113,13 @@ def test_closed_form_invariants_and_jacobian_match_autograd() -> None:
     torch.testing.assert_close(torch.einsum("nwik,nwk->nik", jac, direction), jvp)
 
 
-def test_slot_gradients_and_force_rows_equal_finite_differences(desc) -> None:
-    pos, z = cluster(2)
+@pytest.mark.parametrize("spacing", [1.2, 1.9])
+def test_slot_gradients_and_force_rows_equal_finite_differences(desc, spacing) -> None:
+    pos, z = cluster(2, spacing=spacing)
     i, j = pairs(pos, desc.cutoff)
+    if spacing > 1.5:
+        assert len(set(torch.bincount(i).tolist())) > 1
+        assert (torch.cdist(pos, pos) - desc.cutoff).abs().min() > 1e-3  # no pair at the cutoff
     sd = desc.with_gradients(pos, z, i, j)
     torch.testing.assert_close(sd.values, desc(pos, z, i, j), rtol=1e-12, atol=1e-12)
     element = torch.tensor([ELEMENTS.index(int(x)) for x in z])

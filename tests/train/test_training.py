@@ -172,3 +172,13 @@ def test_config_errors_name_the_key(tmp_path, toy_xyz, patch, message) -> None:
         cfg[section] = values if section == "data" else {**cfg[section], **values}
     with pytest.raises(ConfigError, match=message):
         load_config(cfg)
+
+
+def test_config_reads_exponent_floats_from_yaml(tmp_path, toy_xyz) -> None:
+    """PyYAML (YAML 1.1) reads `lr: 2e-3` as the string '2e-3'; a number field takes it."""
+    import yaml
+
+    cfg = tiny_config(toy_xyz, tmp_path)
+    cfg["training"]["lr"] = yaml.safe_load("2e-3")
+    assert cfg["training"]["lr"] == "2e-3"
+    assert load_config(cfg).training.lr == 0.002
