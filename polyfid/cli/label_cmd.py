@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
         help="compute energies (and forces) at a level of theory into a resumable label store",
         description="Label structures (any file the data layer reads) at LEVEL: gfn1-xtb, gfn2-xtb (tblite) or "
         "METHOD/BASIS for PySCF (hf, mp2, ccsd, ccsd(t) or a DFT functional: pbe/def2-svp, b3lyp/6-31g*). "
-        "Charge and multiplicity come from each structure's info (charge, multiplicity), else the options. "
+        "Charge and multiplicity come from each structure's info (charge, multiplicity; default 0 and 1); "
+        "--charge and --multiplicity set them for every structure. "
         "Results go to the store as each calculation finishes; run the same command again after an "
         "interruption and only what is missing is computed. The store reads back as a data set "
         "(path ending in .sqlite in a training config, or `polyfid data summary STORE`).",
@@ -21,8 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--store", default="labels.sqlite", help="label store (SQLite; default labels.sqlite)")
     p.add_argument("--forces", action="store_true", help="also compute forces (analytic gradients)")
     p.add_argument("--select", help="frames to label from each file, a Python slice such as 0:100")
-    p.add_argument("--charge", type=int, help="charge of structures whose file gives none (default 0)")
-    p.add_argument("--multiplicity", type=int, help="spin multiplicity where the file gives none (default 1)")
+    p.add_argument("--charge", type=int, help="charge of every structure (default: each file's, else 0)")
+    p.add_argument("--multiplicity", type=int,
+                   help="spin multiplicity of every structure (default: each file's, else 1)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--threads", type=int, default=1, help="OpenMP threads per worker (default 1)")
     p.add_argument("--dask", metavar="ADDRESS",
@@ -44,9 +46,10 @@ def _frames(args) -> list:
         ds = read(path)
         chosen = ds.frames if not args.select else ds.frames[parse_slice(args.select, path)]
         for fr in chosen:
-            if args.charge is not None and fr.charge == 0:
+            # the reader cannot tell "charge 0 in the file" from "no charge given": the options win
+            if args.charge is not None:
                 fr.charge = args.charge
-            if args.multiplicity is not None and fr.multiplicity == 1:
+            if args.multiplicity is not None:
                 fr.multiplicity = args.multiplicity
         frames += chosen
     return frames

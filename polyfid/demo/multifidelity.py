@@ -128,7 +128,7 @@ def training_config(s: MultiFidelityDemoSettings, out: Path, strategy: dict, bud
             "epochs": 1_000_000, "max_time_s": budget_s, "batch_size": 16, "lr": 1e-3, "min_lr": 1e-6,
             "scheduler": "cosine", "energy_weight": 1.0, "force_weight": 100.0, "final_energy_weight": 1000.0,
             "final_fraction": 0.25, "ema_decay": 0.99, "grad_clip": 100.0, "early_stopping_patience": None,
-            "num_threads": 1, "seed": s.seed, "checkpoint_interval_s": 30.0,
+            "num_threads": 1, "seed": s.seed,
         },
         "strategy": strategy,
         "output": {"dir": str(out), "progress": False, "tensorboard": False, "plots": False},

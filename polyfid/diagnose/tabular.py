@@ -203,10 +203,11 @@ def _n_train(fraction: float, n: int) -> int:
 
 
 def _formula(X, y, names, target, seed) -> tuple[str, dict[str, float], np.ndarray]:
-    """The SISSO-like model fitted on all data: formula, {term: coefficient}, selected columns."""
-    lib = FeatureLibrary(names=tuple(names)).fit(X)
+    """The SISSO-like model of the zoo (the one cross-validated) fitted on all data: formula,
+    {term: coefficient}, selected columns."""
+    pipe = clone(model_zoo(tuple(names), seed=seed)["sisso"]).fit(X, y)
+    lib, sis = pipe[0], pipe[-1]
     F = lib.transform(X)
-    sis = SissoRegressor(max_dim=3, n_screen=12, random_state=seed).fit(F, y)
     fn = lib.get_feature_names_out()
     terms = {"1": sis.intercept_} | {str(fn[i]): float(c) for i, c in zip(sis.support_, sis.coef_)}
     return sis.formula(fn, target), terms, F[:, list(sis.support_)]

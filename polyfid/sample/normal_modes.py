@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 
-from polyfid.sample.md import one_thread, snapshot
+from polyfid.sample.md import one_thread, single_point, snapshot
 
 
 def relax(atoms, calc, fmax: float = 0.01, steps: int = 500):
@@ -72,9 +72,7 @@ def normal_mode_samples(
             q = rng.normal(size=len(w2)) * np.sqrt(kt / w2)
             a = base.copy()
             a.positions = base.positions + inv_sqrt_m * np.einsum("k,kni->ni", q, modes)
-            a.calc = calc
-            with one_thread():
-                e, f = float(a.get_potential_energy()), np.array(a.get_forces())
+            e, f = single_point(a, calc)
             out.append(snapshot(a, e, f, {"temperature_K": float(t), "seed": int(seed), "sampler": "normal_modes",
                                           "index": k}))
     return out

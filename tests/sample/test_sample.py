@@ -69,9 +69,6 @@ def test_deduplicate_and_farthest_point() -> None:
         farthest_point(chain, 12)
 
 
-pytest.importorskip("tblite.ase", reason="tblite (GFN-xTB) is not installed")
-
-
 def test_md_sampling_labels_and_deduplicates() -> None:
     s = SampleSettings(temperatures_K=[300.0, 800.0], md_frames=3, stride=3, equilibration=5, seed=4)
     frames = sample(load_structures("H2O"), s)
