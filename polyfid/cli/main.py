@@ -11,15 +11,18 @@ from polyfid.cli import (
     demo_cmd,
     diagnose_cmd,
     evaluate_cmd,
+    finetune_cmd,
     invariants_cmd,
     label_cmd,
+    meta_train_cmd,
     predict_cmd,
     sample_cmd,
+    scan_cmd,
     train_cmd,
 )
 
-COMMANDS = [train_cmd, evaluate_cmd, predict_cmd, data_cmd, sample_cmd, label_cmd, diagnose_cmd, invariants_cmd,
-            config_cmd, demo_cmd]
+COMMANDS = [train_cmd, meta_train_cmd, finetune_cmd, evaluate_cmd, scan_cmd, predict_cmd, data_cmd, sample_cmd,
+            label_cmd, diagnose_cmd, invariants_cmd, config_cmd, demo_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

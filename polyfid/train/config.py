@@ -150,6 +150,27 @@ class StrategyConfig:
 
 
 @dataclass
+class MetaConfig:
+    """Reptile over tasks (`polyfid meta-train`); a task is one fidelity of the training data.
+
+    Each outer step copies the weights θ, takes `inner_steps` optimiser steps on batches of
+    one task to reach φ, then moves the shared weights θ ← θ + ε(φ − θ); the task's own
+    head takes φ whole (heads and reference energies stay task-specific). Batch size, loss
+    weights, threads, dtype, checkpoints and the time budget come from `training`."""
+
+    outer_steps: int = opt(2000, "outer (meta) steps; training.max_time_s stops earlier if set")
+    inner_steps: int = opt(8, "optimiser steps on one task per outer step")
+    inner_lr: float = opt(1e-3, "learning rate of the inner optimiser")
+    inner_optimizer: Literal["adam", "sgd"] = opt("adam", "inner optimiser; its state starts afresh each outer step")
+    inner_betas: list = opt([0.0, 0.999], "Adam betas of the inner optimiser (β1 = 0 as in the Reptile paper)")
+    outer_lr: float = opt(1.0, "outer step size ε at the start")
+    outer_lr_final: float = opt(0.1, "ε at the end; linear in between (over outer_steps, or the time budget)")
+    tasks_per_step: int = opt(1, "tasks adapted from the same θ per outer step; their φ − θ are averaged")
+    task_weights: dict = opt({}, "task sampling weights by fidelity name (missing names: 1; default uniform)")
+    eval_every: int = opt(50, "outer steps between validations (best model, early stopping)")
+
+
+@dataclass
 class OutputConfig:
     dir: str = opt("runs/polyfid", "run folder: checkpoint, model file, logs, plots")
     tensorboard: bool = opt(True, "write TensorBoard event files")
@@ -163,6 +184,7 @@ class Config:
     model: ModelConfig = opt(ModelConfig, "network")
     training: TrainingConfig = opt(TrainingConfig, "optimisation")
     strategy: StrategyConfig = opt(StrategyConfig, "multi-fidelity strategy")
+    meta: MetaConfig = opt(MetaConfig, "meta-learning (polyfid meta-train): Reptile over tasks")
     output: OutputConfig = opt(OutputConfig, "where results go")
 
     def to_dict(self) -> dict:
@@ -277,6 +299,20 @@ def _validate(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.head_tie: must be >= 0, got {obj.head_tie}")
         if obj.embedding_dim < 1:
             raise ConfigError(f"{where}.embedding_dim: must be at least 1, got {obj.embedding_dim}")
+    if isinstance(obj, MetaConfig):
+        for key in ("outer_steps", "inner_steps", "tasks_per_step", "eval_every"):
+            if getattr(obj, key) < 1:
+                raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(obj, key)}")
+        if obj.inner_lr <= 0:
+            raise ConfigError(f"{where}.inner_lr: must be positive, got {obj.inner_lr}")
+        if not (0 < obj.outer_lr <= 1 and 0 <= obj.outer_lr_final <= 1):
+            raise ConfigError(f"{where}: outer_lr must lie in (0, 1] and outer_lr_final in [0, 1], got "
+                              f"{obj.outer_lr} and {obj.outer_lr_final}")
+        if len(obj.inner_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in obj.inner_betas):
+            raise ConfigError(f"{where}.inner_betas: expected two numbers in [0, 1), got {obj.inner_betas!r}")
+        for name, w in obj.task_weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                raise ConfigError(f"{where}.task_weights.{name}: expected a number >= 0, got {w!r}")
     if isinstance(obj, DataConfig) and not 0 <= obj.val_fraction < 1:
         raise ConfigError(f"{where}.val_fraction: must lie in [0, 1), got {obj.val_fraction}")
 

@@ -64,6 +64,51 @@ def batch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None = None
     return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
 
 
+def loss_weights(
+    cfg: TrainingConfig, fidelities: list[str], dtype: torch.dtype, device: torch.device | str, final: bool = False
+) -> dict[str, torch.Tensor]:
+    """Loss weight of each term (energy, forces, stress) per fidelity column; `final`: the
+    energy weight of the last part of training."""
+    base = {"energy": cfg.final_energy_weight if final else cfg.energy_weight,
+            "forces": cfg.force_weight, "stress": cfg.stress_weight}
+    out = {}
+    for key, w in base.items():
+        per = [w * float(cfg.fidelity_weights.get(f, {}).get(key, 1.0)) for f in fidelities]
+        out[key] = torch.tensor(per, dtype=torch.float64 if key == "energy" else dtype, device=device)
+    return out
+
+
+def step_loss(
+    model: Potential, batch, weights: dict[str, torch.Tensor], forces: bool, stress: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[int], list[int] | None]:
+    """The training loss of one batch (with the graph for backward), its terms per fidelity,
+    the columns with labels and the columns whose derivatives were taken (None: none)."""
+    # columns with labels in this batch; derivatives only where forces/stress are labelled
+    labelled = batch.energy_mask.any(0) | batch.forces_mask.any(0) | batch.stress_mask.any(0)
+    heads = labelled.nonzero().flatten().tolist()
+    dheads = (batch.forces_mask.any(0) | batch.stress_mask.any(0)).nonzero().flatten().tolist()
+    deriv = bool(dheads) and (forces or stress)
+    pred = model(batch, forces=forces and deriv, stress=stress and deriv, create_graph=True,
+                 heads=dheads if deriv else None, energy_heads=heads)
+    d = dheads if deriv else None
+    terms = loss_terms(pred, batch, heads, d)
+    return total_loss(terms, weights, heads, d), terms, heads, d
+
+
+def validation_loss(metrics: dict[str, Any], cfg: TrainingConfig, fidelities: list[str]) -> float:
+    """The validation loss: the training weights on squared RMSEs (energy per atom, force
+    components), summed over fidelities."""
+    loss = 0.0
+    for fid in fidelities:
+        mf = metrics.get(fid, {})
+        fw = cfg.fidelity_weights.get(fid, {})
+        if "energy_rmse_meV_per_atom" in mf:
+            loss += cfg.energy_weight * fw.get("energy", 1.0) * (mf["energy_rmse_meV_per_atom"] * 1e-3) ** 2
+        if "force_rmse_meV_A" in mf and cfg.force_weight > 0:
+            loss += cfg.force_weight * fw.get("forces", 1.0) * (mf["force_rmse_meV_A"] * 1e-3) ** 2
+    return loss
+
+
 class Trainer:
     """Trains `model` on `train`, validating on `val`; writes into `out`.
 
@@ -127,13 +172,7 @@ class Trainer:
         final = c.final_energy_weight is not None and frac >= 1.0 - c.final_fraction
         cached = self._weight_cache.get(final)
         if cached is None:
-            base = {"energy": c.final_energy_weight if final else c.energy_weight,
-                    "forces": c.force_weight, "stress": c.stress_weight}
-            cached = {}
-            for key, w in base.items():
-                per = [w * float(c.fidelity_weights.get(f, {}).get(key, 1.0)) for f in self.train.fidelities]
-                dtype = torch.float64 if key == "energy" else self.dtype
-                cached[key] = torch.tensor(per, dtype=dtype, device=self.device)
+            cached = loss_weights(c, self.train.fidelities, self.dtype, self.device, final)
             self._weight_cache[final] = cached
         return cached
 
@@ -162,15 +201,7 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             batch = self.train.batch(order[k * bs : (k + 1) * bs]).to(self.device)
-            # columns with labels in this batch; derivatives only where forces/stress are labelled
-            labelled = batch.energy_mask.any(0) | batch.forces_mask.any(0) | batch.stress_mask.any(0)
-            heads = labelled.nonzero().flatten().tolist()
-            dheads = (batch.forces_mask.any(0) | batch.stress_mask.any(0)).nonzero().flatten().tolist()
-            deriv = bool(dheads) and (forces or stress)
-            pred = self.model(batch, forces=forces and deriv, stress=stress and deriv, create_graph=True,
-                              heads=dheads if deriv else None, energy_heads=heads)
-            terms = loss_terms(pred, batch, heads, dheads if deriv else None)
-            loss = total_loss(terms, self._weights(frac), heads, dheads if deriv else None)
+            loss, terms, heads, dheads = step_loss(self.model, batch, self._weights(frac), forces, stress)
             if self.regularizer is not None:
                 loss = loss + self.regularizer()
             self.optimizer.zero_grad(set_to_none=True)
@@ -204,17 +235,10 @@ class Trainer:
         with self.ema.applied() if self.ema else contextlib.nullcontext():
             m = error_metrics(self.model, self.val, batch_size=max(self.cfg.batch_size, 64), device=self.device)
         out: dict[str, float] = {}
-        loss = 0.0
         for fid in self.val.fidelities:
             for key, v in m.get(fid, {}).items():
                 out[f"val_{fid}_{key}"] = v
-            mf = m.get(fid, {})
-            fw = self.cfg.fidelity_weights.get(fid, {})
-            if "energy_rmse_meV_per_atom" in mf:
-                loss += self.cfg.energy_weight * fw.get("energy", 1.0) * (mf["energy_rmse_meV_per_atom"] * 1e-3) ** 2
-            if "force_rmse_meV_A" in mf and self.cfg.force_weight > 0:
-                loss += self.cfg.force_weight * fw.get("forces", 1.0) * (mf["force_rmse_meV_A"] * 1e-3) ** 2
-        out["val_loss"] = loss
+        out["val_loss"] = validation_loss(m, self.cfg, self.val.fidelities)
         return out
 
     # ---- checkpoints ------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""polyfid finetune MODEL DATA [--level NAME] [--out DIR] ..."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a trained (e.g. meta-trained) model to a small data set: a new "
+                       "head and reference energies for its level")
+    p.add_argument("model", help="model file (model.pt of a run)")
+    p.add_argument("data", help="labelled data file at the new level")
+    p.add_argument("--format", help="reader name (detected if omitted)")
+    p.add_argument("--fidelity", help="which label set of the data file to read (multi-level files)")
+    p.add_argument("--level", help="name of the data's level, the head trained (default: the label set's name, or "
+                   "the file's stem for single-level files)")
+    p.add_argument("--val", help="validation data file (default: --val-fraction of DATA)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share held out for validation (default 0.2)")
+    p.add_argument("--test", help="test data file, evaluated at the end")
+    p.add_argument("--out", default="runs/finetune", help="run folder (default runs/finetune)")
+    p.add_argument("--head-init", default="best", help="best, mean, zero or an existing head to start from")
+    p.add_argument("--trainable", choices=["all", "last", "head"], default="all", help="parameters fine-tuned")
+    p.add_argument("--warmup-steps", type=int, default=200, help="steps with the backbone frozen first (0: none)")
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (early stopping may end sooner)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (cosine decay)")
+    p.add_argument("--max-time-s", type=float, help="wall-clock budget of the main stage")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
+    p.set_defaults(func=run)
+
+
+def _read(path: str, args, level: str):
+    from polyfid.data.readers import read
+
+    ds = read(path, format=args.format, fidelity=args.fidelity)
+    if len(ds.fidelities) != 1:
+        raise KeyError(f"{path}: label sets {ds.fidelities}; choose one with --fidelity")
+    ds.rename_fidelity(ds.fidelities[0], level)
+    return ds
+
+
+def run(args) -> int:
+    import torch
+
+    from polyfid.analysis.metrics import public
+    from polyfid.api import evaluate
+    from polyfid.data.readers import read
+    from polyfid.train.finetune import finetune, finetune_summary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    first = read(args.data, format=args.format, fidelity=args.fidelity)
+    name = first.fidelities[0] if len(first.fidelities) == 1 else None
+    level = args.level or (Path(args.data).stem if name in (None, "default") else name)
+    train = _read(args.data, args, level)
+    val = _read(args.val, args, level) if args.val else None
+    training = {"lr": args.lr} | ({"max_time_s": args.max_time_s} if args.max_time_s else {})
+    res = finetune(args.model, train, args.out, val_ds=val, fidelity=level, head_init=args.head_init,
+                   trainable=args.trainable, warmup_steps=args.warmup_steps, steps=args.steps,
+                   val_fraction=args.val_fraction, seed=args.seed, resume=args.resume, **training)
+    summary = finetune_summary(res)
+    if args.test:
+        summary["test"] = public(evaluate(res.model, _read(args.test, args, level)))
+    (Path(args.out) / "results.json").write_text(json.dumps(summary, indent=2))
+    print(f"level {level!r}: head started from {res.source_head!r}; {res.train_s:.0f} s of training")
+    print(f"model: {res.path}")
+    if "test" in summary:
+        print(json.dumps(summary["test"], indent=1))
+    return 0

@@ -1,0 +1,254 @@
+"""Fine-tuning a trained (e.g. meta-trained) model to a new, small data set.
+
+A new level gets a new head and reference energies; the model's other heads, their
+reference energies and scales are kept as they were (with a fine-tuned backbone their
+predictions move with it; `trainable="head"` keeps them exact). The new head starts as a
+copy of the existing head that best matches the new data (per-element energy offsets
+fitted on top), so fine-tuning begins from the closest known level. Optionally the backbone
+is frozen for a warm-up. Defaults are a step budget, not an epoch count, so that 10 and
+1000 frames both get enough updates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polyfid.data.batch import PackedData
+from polyfid.data.errors import DataError
+from polyfid.data.frame import Dataset
+from polyfid.data.splits import split_indices
+from polyfid.models import atomic_write, build_potential, load_model, model_dict
+from polyfid.models.potential import Potential
+from polyfid.train.config import ConfigError, OutputConfig, TrainingConfig, from_dict
+from polyfid.train.strategies import DTYPES, _freeze, _stage, restrict
+from polyfid.train.trainer import BEST_MODEL, TrainState
+
+HEAD_INITS = ("best", "mean", "zero")
+
+
+def finetune_training(n_train: int, steps: int = 1500, **overrides: Any) -> TrainingConfig:
+    """Training options for fine-tuning on `n_train` frames: about `steps` optimiser steps
+    (batch 32 or all frames), cosine decay, validation every epoch, early stopping after
+    about a fifth of the steps without improvement. `overrides`: any TrainingConfig key."""
+    bs = int(overrides.get("batch_size", min(32, max(n_train, 1))))
+    per_epoch = max(math.ceil(n_train / bs), 1)
+    d = {"batch_size": bs, "lr": 1e-3, "scheduler": "cosine", "min_lr": 1e-5,
+         "epochs": max(math.ceil(steps / per_epoch), 1),
+         "early_stopping_patience": max(math.ceil(steps / 5 / per_epoch), 5),
+         "ema_decay": 0.99, "checkpoint_interval_s": 30.0}
+    return from_dict(TrainingConfig, d | overrides, "finetune.training")
+
+
+def _head_predictions(model: Potential, data: PackedData, fidelity: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Energies (B, H) eV of every head and, where the data have forces at `fidelity`, the
+    force RMSE of every head (H,) eV/Å, on the new data."""
+    col = data.fidelities.index(fidelity)
+    has_f = bool(data.forces_mask[:, col].any())
+    energies, sq, n = [], np.zeros(len(model.fidelities)), 0
+    model.eval()
+    for start in range(0, data.n_frames, 64):
+        idx = np.arange(start, min(start + 64, data.n_frames))
+        b = data.batch(idx).to(next(model.parameters()).device)
+        with torch.enable_grad() if has_f else torch.no_grad():
+            pred = model(b, forces=has_f)
+        energies.append(pred["energy"].detach().cpu().numpy())
+        if has_f:
+            fmask = b.forces_mask[:, col].index_select(0, b.frame).cpu().numpy()
+            ref = b.forces[:, col].cpu().numpy()[fmask]
+            err = pred["forces"].detach().cpu().numpy()[fmask] - ref[:, None, :]
+            sq += (err**2).sum(axis=(0, 2))
+            n += err.shape[0] * 3
+    return np.concatenate(energies), (np.sqrt(sq / n) if has_f else None)
+
+
+def add_head(model: Potential, data: Dataset, fidelity: str, init: str = "best") -> tuple[Potential, str | None]:
+    """A copy of `model` with one more head, `fidelity`, set up from `data` (frames labelled
+    at `fidelity`). init: "best" (copy the head with the lowest force RMSE on the data, or
+    energy RMSE after per-element offsets without forces, and fit per-element offsets on top
+    of it), "mean" (mean of the heads), "zero" (a zero head: reference energies only) or the
+    name of an existing head to copy. Returns (new model, the head copied or None)."""
+    if fidelity in model.fidelities:
+        raise ConfigError(f"the model already has a head {fidelity!r}")
+    new = build_potential(model.model_config, model.species, [*model.fidelities, fidelity])
+    new = new.to(dtype=next(model.parameters()).dtype, device=next(model.parameters()).device)
+    h_old = len(model.fidelities)
+    with torch.no_grad():
+        new.representation.load_state_dict(model.representation.state_dict())
+        new.readout.weight[:h_old] = model.readout.weight
+        new.readout.bias[:h_old] = model.readout.bias
+        new.atom_ref[:, :h_old] = model.atom_ref
+        new.energy_scale[:h_old] = model.energy_scale
+    packed = PackedData(data, model.cutoff, [fidelity], dtype=next(model.parameters()).dtype)
+    col_mask = packed.energy_mask[:, 0].numpy()
+    counts = _composition(model, packed)
+    source: str | None = None
+    if init in HEAD_INITS[:1] or init in model.fidelities:
+        energies, f_rmse = _head_predictions(model, packed, fidelity)
+        e = packed.energy[:, 0].numpy()
+        if init in model.fidelities:
+            h = model.fidelities.index(init)
+        elif f_rmse is not None:
+            h = int(np.argmin(f_rmse))
+        else:
+            if not col_mask.any():
+                raise DataError(f"the fine-tuning data have neither energies nor forces at {fidelity!r}")
+            h = int(np.argmin([_offset_rmse(counts[col_mask], e[col_mask] - energies[col_mask, k])
+                               for k in range(h_old)]))
+        source = model.fidelities[h]
+        offsets = np.zeros(len(model.species))
+        if col_mask.any():
+            offsets, *_ = np.linalg.lstsq(counts[col_mask], e[col_mask] - energies[col_mask, h], rcond=None)
+        with torch.no_grad():
+            new.readout.weight[h_old] = model.readout.weight[h]
+            new.readout.bias[h_old] = model.readout.bias[h]
+            new.energy_scale[h_old] = model.energy_scale[h]
+            new.atom_ref[:, h_old] = model.atom_ref[:, h] + torch.as_tensor(offsets, dtype=new.atom_ref.dtype)
+    elif init in ("mean", "zero"):
+        new.fit_reference_energies(packed)
+        if init == "mean":
+            with torch.no_grad():
+                new.readout.weight[h_old] = model.readout.weight.mean(0)
+                new.readout.bias[h_old] = model.readout.bias.mean()
+                new.energy_scale[h_old] = model.energy_scale.mean()
+    else:
+        raise ConfigError(f"head init {init!r}: expected one of {HEAD_INITS} or a head of the model {model.fidelities}")
+    return new, source
+
+
+def _composition(model: Potential, data: PackedData) -> np.ndarray:
+    """Element counts (B, S) of the frames."""
+    idx = model._species(data.numbers).numpy()
+    counts = np.zeros((data.n_frames, len(model.species)))
+    np.add.at(counts, (np.repeat(np.arange(data.n_frames), data.n_atoms), idx), 1.0)
+    return counts
+
+
+def _offset_rmse(counts: np.ndarray, resid: np.ndarray) -> float:
+    coef, *_ = np.linalg.lstsq(counts, resid, rcond=None)
+    return float(np.sqrt(np.mean((resid - counts @ coef) ** 2)))
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned model (best validation), its file, the head it started from and the
+    state of each stage (warmup, finetune)."""
+
+    model: Potential
+    path: Path
+    fidelity: str
+    source_head: str | None
+    stages: dict[str, TrainState]
+
+    @property
+    def train_s(self) -> float:
+        return sum(s.elapsed_s for s in self.stages.values())
+
+
+def finetune(
+    model: Potential | str | Path,
+    train_ds: Dataset,
+    out: str | Path,
+    val_ds: Dataset | None = None,
+    fidelity: str | None = None,
+    head_init: str = "best",
+    trainable: str = "all",
+    warmup_steps: int = 200,
+    steps: int = 1500,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = False,
+    **training: Any,
+) -> FinetuneResult:
+    """Fine-tune `model` to `train_ds`, whose frames carry labels at one level, `fidelity`
+    (default: the data's only level); writes out/model.pt, whose default head is `fidelity`.
+
+    A level the model lacks gets a new head (`add_head`, `head_init`); a level it has goes
+    on training its head. trainable: all, last (last interaction block and the heads) or head.
+    warmup_steps: steps with the backbone frozen before it is trained too (0: none).
+    Without `val_ds`, a `val_fraction` of the frames (at least one) is held out for
+    validation and early stopping. `training`: TrainingConfig overrides (lr, max_time_s, …)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = DTYPES[str(training.get("dtype", "float32"))]
+    device = str(training.get("device", "cpu"))
+    source = load_model(model, dtype=dtype, device=device) if isinstance(model, (str, Path)) else model
+    fidelity = fidelity or _only_fidelity(train_ds)
+    train_ds = restrict(train_ds, [fidelity])
+    if not len(train_ds):
+        raise DataError(f"the fine-tuning data have no labels at {fidelity!r}")
+    missing = set(train_ds.elements) - set(source.species)
+    if missing:
+        raise DataError(f"the fine-tuning data contain elements {sorted(missing)} the model does not know "
+                        f"(its species: {source.species})")
+    if val_ds is None and len(train_ds) > 1 and val_fraction > 0:
+        n_val = max(1, int(round(val_fraction * len(train_ds))))
+        tr, va = split_indices(len(train_ds), [len(train_ds) - n_val, n_val], seed=seed)
+        train_ds, val_ds = train_ds[tr], train_ds[va]
+    elif val_ds is not None:
+        val_ds = restrict(val_ds, [fidelity])
+    head: str | None = fidelity
+    if fidelity in source.fidelities:
+        net = source
+    else:
+        torch.manual_seed(seed)
+        net, head = add_head(source, train_ds, fidelity, head_init)
+    keep = _frozen_heads(net, fidelity)
+    model_cfg = dict(net.model_config)
+    meta = {"strategy": "finetune", "target": fidelity, "source_head": head, "trainable": trainable}
+    output = OutputConfig(progress=progress, tensorboard=False, plots=False)
+    stages: dict[str, TrainState] = {}
+    tc = finetune_training(len(train_ds), steps, seed=seed, **training)
+    if warmup_steps > 0 and trainable != "head":
+        tw = finetune_training(len(train_ds), warmup_steps, seed=seed, **(training | {"early_stopping_patience": None}))
+        _freeze(net, "head")
+        net, stages["warmup"] = _stage(net, train_ds, val_ds, tw, out / "warmup", model_cfg, output, resume,
+                                       fit_references=False, metadata=meta)
+        net.model_config = model_cfg
+    for p in net.parameters():
+        p.requires_grad_(True)
+    _freeze(net, trainable)
+    net, stages["finetune"] = _stage(net, train_ds, val_ds, tc, out / "finetune", model_cfg, output, resume,
+                                     fit_references=False, metadata=meta)
+    _restore_heads(net, keep)
+    net.model_config = model_cfg
+    atomic_write(model_dict(net, model_cfg, meta), out / BEST_MODEL)
+    best = load_model(out / BEST_MODEL, dtype=dtype, device=device)
+    return FinetuneResult(best, out / BEST_MODEL, fidelity, head, stages)
+
+
+def _only_fidelity(ds: Dataset) -> str:
+    if len(ds.fidelities) != 1:
+        raise DataError(f"the fine-tuning data have levels {ds.fidelities}: name the one to fine-tune to")
+    return ds.fidelities[0]
+
+
+def _frozen_heads(model: Potential, fidelity: str) -> dict[str, Any]:
+    """The other heads' parameters and buffers, to put back after training (weight decay or
+    EMA arithmetic must not move them by rounding)."""
+    rows = [h for h, f in enumerate(model.fidelities) if f != fidelity]
+    return {"rows": rows, "weight": model.readout.weight[rows].detach().clone(),
+            "bias": model.readout.bias[rows].detach().clone(),
+            "atom_ref": model.atom_ref[:, rows].clone(), "scale": model.energy_scale[rows].clone()}
+
+
+@torch.no_grad()
+def _restore_heads(model: Potential, keep: dict[str, Any]) -> None:
+    rows = keep["rows"]
+    model.readout.weight[rows] = keep["weight"].to(model.readout.weight)
+    model.readout.bias[rows] = keep["bias"].to(model.readout.bias)
+    model.atom_ref[:, rows] = keep["atom_ref"].to(model.atom_ref)
+    model.energy_scale[rows] = keep["scale"].to(model.energy_scale)
+
+
+def finetune_summary(res: FinetuneResult) -> dict[str, Any]:
+    return {"fidelity": res.fidelity, "source_head": res.source_head, "train_s": res.train_s,
+            "stages": {k: {"epochs": s.epoch, "train_s": s.elapsed_s, "stopped": s.stopped}
+                       for k, s in res.stages.items()}}
+

@@ -1,0 +1,232 @@
+"""Reptile meta-training and fine-tuning: the outer step's formula, separate task heads,
+exact resume, fine-tuning that adds a head without touching the others, the commands."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import toy_dataset, toy_molecules
+
+from polyfid.data.batch import PackedData
+from polyfid.data.frame import Dataset, Labels
+from polyfid.models import build_potential, load_model
+from polyfid.train.config import MetaConfig, TrainingConfig, load_config
+from polyfid.train.finetune import add_head, finetune
+from polyfid.train.meta import ReptileTrainer, meta_train, reptile_update
+from polyfid.train.strategies import restrict
+
+TINY = {"n_features": 8, "n_sensitivities": 4, "n_interactions": 1, "n_atom_layers": 1, "cutoff": 3.0}
+
+
+def scaled(ds: Dataset, name: str, factor: float, shift: float = 0.0) -> Dataset:
+    """The frames relabelled as `factor` × the first level + `shift` per atom, under `name`."""
+    out = []
+    for f in ds:
+        lab = next(iter(f.labels.values()))
+        out.append(replace(f, labels={name: Labels(factor * lab.energy + shift * len(f.numbers),
+                                                   factor * lab.forces)}))
+    return Dataset(out)
+
+
+def two_tasks(n: int = 16) -> Dataset:
+    return scaled(toy_dataset(n, seed=0), "a", 1.0) + scaled(toy_dataset(n, seed=1), "b", 1.5, -2.0)
+
+
+def trainer(tmp_path: Path, mc: MetaConfig | None = None, **tc) -> ReptileTrainer:
+    torch.manual_seed(0)
+    ds = two_tasks()
+    model = build_potential({"architecture": "hipnn", **TINY}, sorted(set(ds.elements)), ["a", "b"])
+    fids = ["a", "b"]
+    tasks = {t: PackedData(restrict(ds, [t]), model.cutoff, fids, dtype=torch.float32) for t in fids}
+    model.fit_reference_energies(PackedData(ds, model.cutoff, fids))
+    tcfg = TrainingConfig(batch_size=4, **tc)
+    return ReptileTrainer(model, tasks, None, tcfg, mc or MetaConfig(inner_steps=3, inner_optimizer="sgd",
+                                                                    inner_lr=1e-2), tmp_path, dict(TINY),
+                          progress=False)
+
+
+def test_reptile_update_formula():
+    theta = {"w": torch.tensor([1.0, 2.0]), "readout.weight": torch.zeros(3, 2), "readout.bias": torch.zeros(3)}
+    phi1 = {"w": torch.tensor([3.0, 2.0]), "readout.weight": torch.ones(3, 2), "readout.bias": torch.ones(3)}
+    phi2 = {"w": torch.tensor([1.0, 6.0]), "readout.weight": 3 * torch.ones(3, 2), "readout.bias": -torch.ones(3)}
+    new = reptile_update(theta, [phi1, phi2], [2, 0], epsilon=0.5)
+    # shared: θ + ε·mean(φ − θ) = [1, 2] + 0.5·[1, 2]
+    assert torch.allclose(new["w"], torch.tensor([1.5, 3.0]))
+    # head rows: the adapted task's own φ, whole; row 1 was not adapted and keeps θ
+    assert torch.equal(new["readout.weight"][2], torch.ones(2))
+    assert torch.equal(new["readout.weight"][0], 3 * torch.ones(2))
+    assert torch.equal(new["readout.weight"][1], torch.zeros(2))
+    assert new["readout.bias"].tolist() == [-1.0, 0.0, 1.0]
+    same = reptile_update(theta, [phi1, phi1], [1, 1], epsilon=1.0)
+    assert torch.equal(same["w"], phi1["w"])
+    with pytest.raises(ValueError):
+        reptile_update(theta, [phi1], [0, 1], 0.5)
+
+
+def test_outer_step_moves_weights_as_the_formula_says(tmp_path):
+    tr = trainer(tmp_path)
+    eps = tr.epsilon()
+    assert eps == pytest.approx(1.0)
+    tr.mc.outer_lr = 0.3
+    eps = tr.epsilon()
+    theta = {k: v.detach().clone() for k, v in tr.model.named_parameters()}
+    # the inner loop the outer step will run: same task draw and batches (a function of seed and step)
+    rng = np.random.default_rng([tr.tc.seed, 0])
+    task = tr.names[int(rng.choice(len(tr.names), size=1, p=tr.p)[0])]
+    phi = tr.adapt(task, rng)
+    tr._load(theta)
+    assert tr.outer_step() == [task]
+    h = tr.model.fidelities.index(task)
+    other = 1 - h
+    moved = 0
+    for k, p in tr.model.named_parameters():
+        if k == "readout.weight" or k == "readout.bias":
+            assert torch.allclose(p[h], phi[k][h], atol=1e-7)
+            assert torch.equal(p[other], theta[k][other])  # the other task's head is untouched
+        else:
+            assert torch.allclose(p, theta[k] + eps * (phi[k] - theta[k]), atol=1e-7)
+            moved += int(not torch.equal(p, theta[k]))
+    assert moved > 0  # the backbone did move
+
+
+def test_task_heads_stay_separate(tmp_path):
+    tr = trainer(tmp_path, MetaConfig(inner_steps=2, task_weights={"b": 0.0}))
+    b = tr.model.fidelities.index("b")
+    before = tr.model.readout.weight[b].detach().clone(), tr.model.atom_ref[:, b].clone()
+    for _ in range(4):
+        assert tr.outer_step() == ["a"]
+        tr.state.step += 1
+    assert torch.equal(tr.model.readout.weight[b], before[0])
+    assert torch.equal(tr.model.atom_ref[:, b], before[1])
+    assert not torch.equal(tr.model.readout.weight[1 - b], torch.zeros_like(before[0]))
+
+
+def meta_cfg(out: Path, **meta) -> dict:
+    return {"model": TINY, "training": {"batch_size": 4, "num_threads": 1, "checkpoint_interval_s": 0.0},
+            "meta": {"outer_steps": 6, "inner_steps": 2, "eval_every": 1, **meta},
+            "output": {"dir": str(out), "progress": False, "tensorboard": False, "plots": False}}
+
+
+def test_meta_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
+    ds = two_tasks()
+    val = two_tasks(6)
+    straight = meta_train(load_config(meta_cfg(tmp_path / "a")), ds, val, tmp_path / "a")
+    assert straight.state.step == 6 and straight.state.stopped == "step limit"
+    assert set(straight.tasks) == {"a", "b"} and straight.model.fidelities == ["a", "b"]
+
+    calls = {"n": 0}
+    original = ReptileTrainer.outer_step
+
+    def dies_at_four(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(ReptileTrainer, "outer_step", dies_at_four)
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(load_config(meta_cfg(tmp_path / "b")), ds, val, tmp_path / "b")
+    monkeypatch.setattr(ReptileTrainer, "outer_step", original)
+    resumed = meta_train(load_config(meta_cfg(tmp_path / "b")), ds, val, tmp_path / "b", resume=True)
+    assert resumed.state.step == 6
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_meta_train_refuses_a_single_task(tmp_path):
+    from polyfid.data.errors import DataError
+
+    with pytest.raises(DataError, match="two tasks"):
+        meta_train(load_config(meta_cfg(tmp_path)), toy_dataset(8), None, tmp_path)
+
+
+@pytest.fixture
+def saved_model(tmp_path) -> Path:
+    ds = two_tasks()
+    res = meta_train(load_config(meta_cfg(tmp_path / "meta")), ds, two_tasks(4), tmp_path / "meta")
+    return res.path
+
+
+def test_finetune_adds_a_head_without_touching_the_others(tmp_path, saved_model):
+    source = load_model(saved_model)
+    new_data = scaled(toy_dataset(12, seed=5), "c", 1.5, 0.7)  # level b's PES, other per-atom offsets
+    res = finetune(saved_model, new_data, tmp_path / "ft", steps=20, warmup_steps=5, num_threads=1)
+    m = res.model
+    assert m.fidelities == ["a", "b", "c"] and m.default_fidelity == "c"
+    assert res.source_head == "b"  # the head whose forces match best
+    for h in range(2):
+        assert torch.equal(m.readout.weight[h], source.readout.weight[h])
+        assert torch.equal(m.readout.bias[h], source.readout.bias[h])
+        assert torch.equal(m.atom_ref[:, h], source.atom_ref[:, h])
+        assert torch.equal(m.energy_scale[h], source.energy_scale[h])
+    assert set(res.stages) == {"warmup", "finetune"}
+    # the backbone was trained
+    assert any(not torch.equal(p, q) for p, q in zip(m.representation.parameters(),
+                                                     source.representation.parameters()))
+
+    frozen = finetune(saved_model, new_data, tmp_path / "ft_head", steps=10, trainable="head", num_threads=1)
+    data = PackedData(new_data, source.cutoff, ["a", "b"], dtype=torch.float32)
+    b = data.batch(np.arange(4))
+    e_src = source(b, forces=False)["energy"]
+    e_new = frozen.model(b, forces=False)["energy"][:, :2]
+    assert torch.allclose(e_src, e_new)  # the old heads predict exactly as before
+
+
+def test_add_head_best_starts_from_the_matching_head(saved_model):
+    source = load_model(saved_model)
+    data = scaled(toy_dataset(10, seed=7), "c", 1.5, 0.3)
+    new, head = add_head(source, data, "c")
+    assert head == "b"
+    b = PackedData(data, source.cutoff, ["c"], dtype=torch.float32).batch(np.arange(10))
+    pred = new(b, forces=True)
+    assert torch.allclose(pred["forces"][:, 2], pred["forces"][:, 1])
+    # per-element offsets fitted on top: the energy error is no worse than head b's shifted mean
+    e_ref = b.energy[:, 0]
+    assert (pred["energy"][:, 2] - e_ref).abs().mean() <= (pred["energy"][:, 1] - e_ref).abs().mean() + 1e-9
+    zero, src = add_head(source, data, "c", init="zero")
+    assert src is None and torch.equal(zero.readout.weight[2], torch.zeros_like(zero.readout.weight[2]))
+    with pytest.raises(ValueError, match="already has a head"):
+        add_head(source, data, "a")
+
+
+def test_meta_train_and_finetune_commands(tmp_path):
+    from polyfid.cli.main import main
+
+    for name, seed in (("a", 0), ("b", 1)):
+        ase.io.write(tmp_path / f"{name}.extxyz", toy_molecules(16, seed), format="extxyz")
+    cfg = meta_cfg(tmp_path / "meta", outer_steps=4)
+    cfg["data"] = {"train": [{"path": str(tmp_path / "a.extxyz"), "fidelity": "a"},
+                             {"path": str(tmp_path / "b.extxyz"), "fidelity": "b"}], "val_size": 4}
+    (tmp_path / "meta.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["meta-train", str(tmp_path / "meta.yaml")]) == 0
+    assert (tmp_path / "meta" / "model.pt").exists() and (tmp_path / "meta" / "results.json").exists()
+    ase.io.write(tmp_path / "new.extxyz", toy_molecules(12, 9), format="extxyz")
+    out = tmp_path / "ft"
+    assert main(["finetune", str(tmp_path / "meta" / "model.pt"), str(tmp_path / "new.extxyz"), "--out", str(out),
+                 "--steps", "10", "--warmup-steps", "3", "--test", str(tmp_path / "new.extxyz"),
+                 "--threads", "1"]) == 0
+    m = load_model(out / "model.pt")
+    assert m.fidelities == ["a", "b", "new"]
+    import json
+
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["fidelity"] == "new" and "force_mae_meV_A" in summary["test"]["new"]
+    assert main(["finetune", str(out / "model.pt"), str(tmp_path / "new.extxyz"), "--level", "zzz",
+                 "--head-init", "nope", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_finetune_rejects_unknown_elements(tmp_path, saved_model):
+    from polyfid.data.errors import DataError
+
+    ds = scaled(toy_dataset(4), "c", 1.0)
+    ds[0].numbers[0] = 7
+    with pytest.raises(DataError, match=r"elements \[7\]"):
+        finetune(saved_model, ds, tmp_path / "x", steps=2)
