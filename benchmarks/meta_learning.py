@@ -18,7 +18,7 @@ The two pre-trained models of a case get the same wall-clock budget, are trained
 cached in the work folder and timed separately from the fine-tuning runs. Jobs run as
 1-thread processes, --jobs at a time; finished jobs are kept, so a rerun only does the rest.
 
-  .venv/bin/python benchmarks/meta_learning.py            # ~90 min on the 2-core machine
+  .venv/bin/python benchmarks/meta_learning.py            # ~50 min on the 2-core machine
   .venv/bin/python benchmarks/meta_learning.py --quick    # minutes
 """
 
@@ -334,14 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds (subset draw and initialisation)")
     p.add_argument("--pretrain-s", type=float, default=None, help="wall-clock budget of each pre-training "
-                   "(default 600 s; quick 20 s)")
+                   "(default 480 s; quick 20 s)")
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (default 1000; quick 60)")
     p.add_argument("--jobs", type=int, default=2, help="1-thread processes at a time")
     p.add_argument("--label-workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="k in {10, 50}, short budgets, small test sets")
     args = p.parse_args(argv)
     args.ks = args.ks or ([10, 50] if args.quick else KS)
-    args.pretrain_s = args.pretrain_s or (20.0 if args.quick else 600.0)
+    args.pretrain_s = args.pretrain_s or (20.0 if args.quick else 480.0)
     args.finetune_steps = args.finetune_steps or (60 if args.quick else 1000)
     stem = "meta_learning_quick" if args.quick else "meta_learning"
     args.work_dir = args.work_dir or (common.DEFAULT_WORK / stem)
