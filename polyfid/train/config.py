@@ -92,6 +92,13 @@ class TrainingConfig:
     energy_weight: float = opt(1.0, "weight of MSE(energy per atom), eV²")
     force_weight: float = opt(100.0, "weight of MSE(force components), (eV/Å)²")
     stress_weight: float = opt(0.0, "weight of MSE(stress components), (eV/Å³)²")
+    loss: Literal["mse", "huber"] = opt(
+        "mse", "per-entry loss: mse, or huber (squared below huber_delta, linear beyond: large errors, "
+        "e.g. of rare high-energy frames, pull less and the fit targets the MAE more)"
+    )
+    huber_delta: float = opt(
+        0.01, "huber: where the loss turns linear, in eV/atom (energy), eV/Å (forces), eV/Å³ (stress)"
+    )
     final_energy_weight: float | None = opt(
         None, "energy weight for the last part of training (e.g. 1000), null: unchanged"
     )
@@ -278,6 +285,8 @@ def _validate(obj: Any, where: str) -> None:
                 raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(obj, key)}")
         if obj.lr <= 0:
             raise ConfigError(f"{where}.lr: must be positive, got {obj.lr}")
+        if obj.huber_delta <= 0:
+            raise ConfigError(f"{where}.huber_delta: must be positive, got {obj.huber_delta}")
         if not 0 <= obj.final_fraction <= 1:
             raise ConfigError(f"{where}.final_fraction: must lie in [0, 1], got {obj.final_fraction}")
         if obj.ema_decay is not None and not 0 < obj.ema_decay < 1:

@@ -20,13 +20,27 @@ def masked_mean(err2: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -
     return (err2 * mask).sum(dims) / mask.sum(dims).clamp_min(1.0)
 
 
+def pointwise(err: torch.Tensor, kind: str = "mse", delta: float = 0.01) -> torch.Tensor:
+    """The per-entry loss of errors `err`: "mse" err²; "huber" err² where |err| < delta and
+    2·delta·|err| − delta² beyond (twice the usual Huber loss, so that it equals err² for small
+    errors and the MSE weights keep their meaning). delta in the unit of `err`."""
+    if kind == "mse":
+        return err.square()
+    if kind == "huber":
+        a = err.abs()
+        return torch.where(a < delta, err.square(), 2.0 * delta * a - delta * delta)
+    raise ValueError(f"unknown loss {kind!r}; expected 'mse' or 'huber'")
+
+
 def loss_terms(
     pred: dict[str, torch.Tensor],
     batch: Batch,
     heads: Sequence[int] | None = None,
     deriv_heads: Sequence[int] | None = None,
+    kind: str = "mse",
+    delta: float = 0.01,
 ) -> dict[str, torch.Tensor]:
-    """Per-fidelity MSE terms.
+    """Per-fidelity loss terms, MSE by default (`kind`, `delta`: see `pointwise`).
 
     energy: ((E_pred − E)/N)² per frame, eV², one value per column in `heads` (default all);
     forces: per Cartesian component, (eV/Å)², and stress: per component, (eV/Å³)², one value
@@ -39,15 +53,15 @@ def loss_terms(
     deriv_heads = heads if deriv_heads is None else list(deriv_heads)
     idx = torch.as_tensor(heads, dtype=torch.long, device=batch.energy.device)
     n = batch.n_atoms.to(pred["energy"].dtype).unsqueeze(1)
-    e_err = ((pred["energy"].index_select(1, idx) - batch.energy.index_select(1, idx)) / n).square()
+    e_err = pointwise((pred["energy"].index_select(1, idx) - batch.energy.index_select(1, idx)) / n, kind, delta)
     terms = {"energy": masked_mean(e_err, batch.energy_mask.index_select(1, idx), (0,))}
     didx = torch.as_tensor(deriv_heads, dtype=torch.long, device=batch.energy.device)
     if "forces" in pred:
         atom_mask = batch.forces_mask.index_select(1, didx).index_select(0, batch.frame).unsqueeze(2)  # (N, H, 1)
-        f_err = (pred["forces"] - batch.forces.index_select(1, didx)).square()
+        f_err = pointwise(pred["forces"] - batch.forces.index_select(1, didx), kind, delta)
         terms["forces"] = masked_mean(f_err, atom_mask, (0, 2))
     if "stress" in pred:
-        s_err = (pred["stress"] - batch.stress.index_select(1, didx)).square()
+        s_err = pointwise(pred["stress"] - batch.stress.index_select(1, didx), kind, delta)
         terms["stress"] = masked_mean(s_err, batch.stress_mask.index_select(1, didx)[:, :, None, None], (0, 2, 3))
     return terms
 

@@ -142,7 +142,7 @@ class ReptileTrainer:
         self.model.train()
         for _ in range(self.mc.inner_steps):
             batch = data.batch(np.sort(rng.choice(data.n_frames, size=bs, replace=False))).to(self.device)
-            loss, *_ = step_loss(self.model, batch, self.weights, forces, stress)
+            loss, *_ = step_loss(self.model, batch, self.weights, forces, stress, self.tc.loss, self.tc.huber_delta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.tc.grad_clip:

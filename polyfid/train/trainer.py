@@ -79,10 +79,12 @@ def loss_weights(
 
 
 def step_loss(
-    model: Potential, batch, weights: dict[str, torch.Tensor], forces: bool, stress: bool
+    model: Potential, batch, weights: dict[str, torch.Tensor], forces: bool, stress: bool,
+    loss: str = "mse", huber_delta: float = 0.01,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[int], list[int] | None]:
     """The training loss of one batch (with the graph for backward), its terms per fidelity,
-    the columns with labels and the columns whose derivatives were taken (None: none)."""
+    the columns with labels and the columns whose derivatives were taken (None: none).
+    `loss`, `huber_delta`: the per-entry loss (losses.pointwise)."""
     # columns with labels in this batch; derivatives only where forces/stress are labelled
     labelled = batch.energy_mask.any(0) | batch.forces_mask.any(0) | batch.stress_mask.any(0)
     heads = labelled.nonzero().flatten().tolist()
@@ -91,7 +93,7 @@ def step_loss(
     pred = model(batch, forces=forces and deriv, stress=stress and deriv, create_graph=True,
                  heads=dheads if deriv else None, energy_heads=heads)
     d = dheads if deriv else None
-    terms = loss_terms(pred, batch, heads, d)
+    terms = loss_terms(pred, batch, heads, d, loss, huber_delta)
     return total_loss(terms, weights, heads, d), terms, heads, d
 
 
@@ -201,7 +203,8 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             batch = self.train.batch(order[k * bs : (k + 1) * bs]).to(self.device)
-            loss, terms, heads, dheads = step_loss(self.model, batch, self._weights(frac), forces, stress)
+            loss, terms, heads, dheads = step_loss(
+                self.model, batch, self._weights(frac), forces, stress, self.cfg.loss, self.cfg.huber_delta)
             if self.regularizer is not None:
                 loss = loss + self.regularizer()
             self.optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
 from polyfid.models import build_potential
 from polyfid.train.config import ConfigError, TrainingConfig, load_config
-from polyfid.train.losses import loss_terms, total_loss
+from polyfid.train.losses import loss_terms, pointwise, total_loss
 from polyfid.train.run import run_training
 from polyfid.train.trainer import Trainer
 
@@ -64,6 +64,33 @@ def test_batch_without_any_label_of_a_kind_gives_zero_term() -> None:
     batch = PackedData(ds, 3.0, ["lj", "hi"]).batch([2])
     pred = {"energy": torch.zeros_like(batch.energy), "forces": torch.ones_like(batch.forces)}
     assert loss_terms(pred, batch)["forces"].abs().sum().item() == 0.0
+
+
+def test_huber_is_squared_below_delta_and_linear_beyond() -> None:
+    err = torch.tensor([-0.3, -0.01, 0.0, 0.005, 0.02, 1.0], dtype=torch.float64, requires_grad=True)
+    h = pointwise(err, "huber", 0.01)
+    a = err.detach().abs()
+    expected = torch.where(a < 0.01, a**2, 0.02 * a - 1e-4)
+    torch.testing.assert_close(h.detach(), expected)
+    torch.testing.assert_close(pointwise(err, "mse").detach(), err.detach() ** 2)
+    # continuous at delta, and the gradient is capped at 2·delta beyond it
+    torch.testing.assert_close(pointwise(torch.tensor([0.01 - 1e-12, 0.01]), "huber", 0.01),
+                               torch.full((2,), 1e-4), rtol=1e-6, atol=0)
+    h.sum().backward()
+    assert err.grad.abs().max().item() == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="unknown loss 'l1'"):
+        pointwise(err, "l1")
+
+
+def test_huber_terms_replace_squares_in_every_fidelity() -> None:
+    ds = _frames_with_gaps()
+    batch = PackedData(ds, 3.0, ["lj", "hi"]).batch([0, 1, 2, 3])
+    pred = {"energy": torch.zeros_like(batch.energy), "forces": torch.zeros_like(batch.forces)}
+    mse, hub = loss_terms(pred, batch), loss_terms(pred, batch, kind="huber", delta=0.05)
+    f = np.concatenate([ds[b].labels["lj"].forces.ravel() for b in (0, 1, 3)])
+    by_hand = np.where(np.abs(f) < 0.05, f**2, 0.1 * np.abs(f) - 0.0025).mean()
+    np.testing.assert_allclose(hub["forces"][0].item(), by_hand, rtol=1e-6)
+    assert (hub["forces"] <= mse["forces"] + 1e-12).all()  # huber never exceeds the square
 
 
 def test_reference_energies_per_fidelity_from_own_data() -> None:
@@ -124,6 +151,12 @@ def test_training_reduces_validation_error(tmp_path) -> None:
     assert (tmp_path / "model.pt").exists() and (tmp_path / "metrics.csv").exists()
 
 
+def test_huber_training_reduces_validation_error(tmp_path) -> None:
+    tr = _trainer(tmp_path, epochs=15, lr=3e-3, ema_decay=None, loss="huber", huber_delta=0.05)
+    first = tr.validate()["val_loss"]
+    assert tr.fit().best_val < 0.5 * first
+
+
 def test_cosine_schedule_and_final_energy_weight(tmp_path) -> None:
     tr = _trainer(tmp_path, epochs=10, scheduler="cosine", lr=1e-3, min_lr=1e-5, final_energy_weight=1000.0)
     assert math.isclose(tr._lr(0.0), 1e-3) and math.isclose(tr._lr(1.0), 1e-5)
@@ -163,6 +196,8 @@ def test_float64_training(tmp_path, toy_xyz) -> None:
         ({"training": {"epoch": 3}}, "did you mean 'epochs'"),
         ({"model": {"architecture": 3}}, "model.architecture: 3 is not one of"),
         ({"training": {"scheduler": "step"}}, "not one of"),
+        ({"training": {"loss": "l1"}}, "training.loss: 'l1' is not one of"),
+        ({"training": {"huber_delta": 0}}, "training.huber_delta: must be positive"),
         ({"data": {"train": [{"file": "x"}]}}, r"data.train\[0\]: unknown key 'file'"),
     ],
 )
