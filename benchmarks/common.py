@@ -321,6 +321,8 @@ def plot_parity(path: str | Path, title: str, entries: list[dict[str, Any]], max
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from polyfid.analysis.plots import save_figure
+
     n = max(len(entries), 1)
     fig, axes = plt.subplots(n, 2, figsize=(8, 3.6 * n), squeeze=False)
     rng = np.random.default_rng(0)
@@ -344,12 +346,7 @@ def plot_parity(path: str | Path, title: str, entries: list[dict[str, Any]], max
             ax.set_title(f"{e['label']}: MAE {mae:.3g} {unit}", fontsize=9)
             ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=72)
 
 
 class BudgetSchedule:

@@ -32,11 +32,14 @@ def align_fidelities(data: Dataset, model: Potential, mapping: dict[str, str] | 
     """Rename the data's label sets to the model's head names.
 
     mapping: data fidelity -> model fidelity. Without it, names that the model knows are
-    kept, and a single unknown label set on a single-head model maps to that head.
+    kept, and a single unknown label set on a single-head model maps to that head, unless
+    the data already have that head's level (rMD17 files carry the old MD17 labels beside
+    the new ones: those must not replace them).
     """
     mapping = dict(mapping or {})
     unknown = [f for f in data.fidelities if f not in model.fidelities and f not in mapping]
-    if len(unknown) == 1 and len(model.fidelities) == 1 and not mapping:
+    known = [f for f in data.fidelities if f in model.fidelities]
+    if len(unknown) == 1 and len(model.fidelities) == 1 and not mapping and not known:
         mapping[unknown[0]] = model.fidelities[0]
     for src, dst in mapping.items():
         if dst not in model.fidelities:

@@ -12,6 +12,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out `fig`, write it as PNG at `path` (folders made) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_loss_curves(history: list[dict[str, float]], path: str | Path) -> Path:
     """Training loss and validation errors against epoch, log scale."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -26,11 +38,7 @@ def plot_loss_curves(history: list[dict[str, float]], path: str | Path) -> Path:
     for ax in axes:
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_parity(metrics: dict[str, Any], path: str | Path, title: str = "") -> Path:
@@ -56,8 +64,4 @@ def plot_parity(metrics: dict[str, Any], path: str | Path, title: str = "") -> P
             unit_mae = "meV" if kind == "energy" else "meV/Å"
             ax.set(xlabel=f"reference {kind} ({unit})", ylabel=f"predicted {kind} ({unit})",
                    title=f"{title} {fid}: MAE {m[mae_key]:.3g} {unit_mae}".strip())
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -219,6 +219,8 @@ def plot_scan(reports: dict[str, ScanReport], path: str | Path, title: str = "")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from polyfid.analysis.plots import save_figure
+
     if not reports:
         raise ValueError("plot_scan: no reports")
     first = next(iter(reports.values()))
@@ -236,8 +238,4 @@ def plot_scan(reports: dict[str, ScanReport], path: str | Path, title: str = "")
     a2.set(xlabel="scan coordinate", ylabel="error − mean error (meV)")
     a2.axhline(0, color="k", lw=0.5)
     a1.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -202,6 +202,8 @@ def plot(results: dict[str, dict[str, Any]], s: MultiFidelityDemoSettings, out: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from polyfid.analysis.plots import save_figure
+
     names = [n for n in ROWS if n in results]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, unit in ((axes[0], "force_mae_meV_A", "meV/Å"), (axes[1], "energy_mae_meV", "meV")):
@@ -213,10 +215,7 @@ def plot(results: dict[str, dict[str, Any]], s: MultiFidelityDemoSettings, out: 
         ax.set_xticks(range(len(names)), [LABELS[n] for n in names], rotation=15, fontsize=8)
         ax.set_ylabel(f"{key.split('_')[0]} MAE vs {s.high_level} ({unit})")
     fig.suptitle(f"{s.molecule}: held-out {s.high_level} errors; {s.n_high} high-level energies")
-    fig.tight_layout()
-    bars = out / "mf_errors.png"
-    fig.savefig(bars, dpi=120)
-    plt.close(fig)
+    bars = save_figure(fig, out / "mf_errors.png")
 
     trained = [n for n in ("multi_fidelity", "energies_only") if n in results]
     fig, axes = plt.subplots(1, len(trained), figsize=(5 * len(trained), 4.5), squeeze=False)
@@ -228,11 +227,7 @@ def plot(results: dict[str, dict[str, Any]], s: MultiFidelityDemoSettings, out: 
         ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
         ax.set(xlabel=f"{s.high_level} force (eV/Å)", ylabel="predicted force (eV/Å)",
                title=f"{LABELS[n]}: MAE {results[n]['force_mae_meV_A']:.0f} meV/Å")
-    fig.tight_layout()
-    parity = out / "mf_force_parity.png"
-    fig.savefig(parity, dpi=120)
-    plt.close(fig)
-    return [bars, parity]
+    return [bars, save_figure(fig, out / "mf_force_parity.png")]
 
 
 ROWS = ("multi_fidelity", "energies_only", "xtb_network", "gfn2_xtb")

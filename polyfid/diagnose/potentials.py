@@ -1093,6 +1093,8 @@ def plot_potential_curves(d: PotentialDiagnosis, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from polyfid.analysis.plots import save_figure
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, key, label in ((axes[0], "energy_mae_meV", "energy MAE (meV per molecule)"),
                            (axes[1], "force_mae_meV_A", "force MAE (meV/Å)")):
@@ -1104,12 +1106,7 @@ def plot_potential_curves(d: PotentialDiagnosis, path: str | Path) -> Path:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{d.name}: verdict {d.verdict}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 _VERDICT_TEXT = {

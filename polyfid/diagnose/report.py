@@ -15,6 +15,8 @@ def plot_learning_curves(d: Diagnosis, path: str | Path, unit: str = "") -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from polyfid.analysis.plots import save_figure
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, (name, c) in enumerate(d.curves.items()):
         style = "-" if name in INTERPRETABLE else "--"
@@ -23,11 +25,7 @@ def plot_learning_curves(d: Diagnosis, path: str | Path, unit: str = "") -> Path
     ax.set(xscale="log", yscale="log", xlabel="training set size", ylabel=f"MAE of {d.target} {unit}".strip(),
            title=f"{d.target}: verdict {d.verdict}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(d: Diagnosis, out: str | Path, title: str = "", unit: str = "") -> Path:

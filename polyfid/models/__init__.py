@@ -52,6 +52,12 @@ def build_potential(model_config: dict[str, Any], species: Sequence[int], fideli
     return pot
 
 
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any] | None:
+    """The checkpoint at `path` (tensors only: weights_only=True), None if there is none."""
+    path = Path(path)
+    return torch.load(path, map_location=device, weights_only=True) if path.exists() else None
+
+
 def atomic_write(obj: Any, path: str | Path, durable: bool = True) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half file.
 

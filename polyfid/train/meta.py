@@ -29,7 +29,7 @@ from polyfid.analysis.metrics import error_metrics, public
 from polyfid.data.batch import PackedData
 from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
-from polyfid.models import atomic_write, build_potential, load_model, model_dict
+from polyfid.models import atomic_write, build_potential, load_model, model_dict, read_checkpoint
 from polyfid.models.potential import Potential
 from polyfid.train.config import Config, ConfigError, MetaConfig, TrainingConfig, load_config
 from polyfid.train.strategies import DTYPES, restrict
@@ -186,10 +186,9 @@ class ReptileTrainer:
         self._last_checkpoint = time.perf_counter()
 
     def load_checkpoint(self) -> bool:
-        path = self.out / CHECKPOINT
-        if not path.exists():
+        ck = read_checkpoint(self.out / CHECKPOINT, self.device)
+        if ck is None:
             return False
-        ck = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(ck["model"])
         self.state = MetaState(**ck["state"])
         return True

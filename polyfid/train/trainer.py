@@ -23,7 +23,7 @@ import torch
 
 from polyfid.analysis.metrics import error_metrics
 from polyfid.data.batch import PackedData
-from polyfid.models import atomic_write, model_dict
+from polyfid.models import atomic_write, model_dict, read_checkpoint
 from polyfid.models.potential import Potential
 from polyfid.train.config import TrainingConfig
 from polyfid.train.ema import EMA
@@ -271,10 +271,9 @@ class Trainer:
 
     def load_checkpoint(self) -> bool:
         """Restore from out/checkpoint.pt if present; returns whether it was."""
-        path = self.out / CHECKPOINT
-        if not path.exists():
+        ck = read_checkpoint(self.out / CHECKPOINT, self.device)
+        if ck is None:
             return False
-        ck = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         if self.ema is not None and ck["ema"] is not None:

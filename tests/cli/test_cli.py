@@ -91,6 +91,24 @@ def test_evaluate_table_and_json(work, capsys):
     assert float(row.split()[2]) == pytest.approx(metrics["lj"]["energy_mae_meV"], abs=1e-3)
 
 
+def test_evaluate_keeps_the_models_level_beside_another(work):
+    """A file with the model's own level and a second one (rMD17: new and old MD17 labels) is
+    scored against the model's level; a file with only an unknown level maps to the single head."""
+    from polyfid.data.frame import Labels
+    from polyfid.data.readers import read
+
+    model = str(work / "run" / "model.pt")
+    own = polyfid.evaluate(model, read(work / "test.extxyz", fidelity="lj"))["lj"]
+    both = read(work / "test.extxyz", fidelity="lj")
+    for f in both.frames:
+        lab = f.labels["lj"]
+        f.labels["old"] = Labels(energy=lab.energy + 5.0, forces=lab.forces + 0.3)
+    assert polyfid.evaluate(model, both)["lj"]["energy_mae_meV"] == pytest.approx(own["energy_mae_meV"], rel=1e-9)
+    only_other = read(work / "test.extxyz", fidelity="old")
+    assert polyfid.evaluate(model, only_other)["lj"]["energy_mae_meV"] == pytest.approx(own["energy_mae_meV"],
+                                                                                       rel=1e-9)
+
+
 def test_evaluate_parity_plot(work, tmp_path, capsys):
     png = tmp_path / "parity.png"
     assert main(["evaluate", str(work / "run" / "model.pt"), str(work / "test.extxyz"), "--parity", str(png)]) == 0
