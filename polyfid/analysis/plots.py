@@ -14,8 +14,6 @@ import numpy as np  # noqa: E402
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     """Lay out `fig`, write it as PNG at `path` (folders made) and close it; returns the path."""
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,7 @@ def pointwise(err: torch.Tensor, kind: str = "mse", delta: float = 0.01) -> torc
     if kind == "mse":
         return err.square()
     if kind == "huber":
-        a = err.abs()
-        return torch.where(a < delta, err.square(), 2.0 * delta * a - delta * delta)
+        return 2.0 * torch.nn.functional.huber_loss(err, torch.zeros_like(err), reduction="none", delta=delta)
     raise ValueError(f"unknown loss {kind!r}; expected 'mse' or 'huber'")
 
 

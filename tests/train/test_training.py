@@ -90,6 +90,9 @@ def test_huber_terms_replace_squares_in_every_fidelity() -> None:
     f = np.concatenate([ds[b].labels["lj"].forces.ravel() for b in (0, 1, 3)])
     by_hand = np.where(np.abs(f) < 0.05, f**2, 0.1 * np.abs(f) - 0.0025).mean()
     np.testing.assert_allclose(hub["forces"][0].item(), by_hand, rtol=1e-6)
+    f_hi = ds[1].labels["hi"].forces.ravel()
+    by_hand_hi = np.where(np.abs(f_hi) < 0.05, f_hi**2, 0.1 * np.abs(f_hi) - 0.0025).mean()
+    np.testing.assert_allclose(hub["forces"][1].item(), by_hand_hi, rtol=1e-6)
     assert (hub["forces"] <= mse["forces"] + 1e-12).all()  # huber never exceeds the square
 
 
