@@ -9,7 +9,8 @@ budget (--budget-s, default 600 s), 1 thread (--threads), float32, and the loss 
 budget, cosine decay of the learning rate over the budget. Models (result keys):
 
   hipnn     polyfid HIP-NN of PEERS.md (128 features, 20 sensitivities, soft 0.85-4.5 Å, cutoff
-            5 Å, 2 interaction + 3 atom layers); Adam 1e-3, batch 32, EMA 0.99, no clipping
+            5 Å, 2 interaction + 3 atom layers); common.TUNED_RECIPE: Adam 3e-3, weight decay
+            1e-4, Huber loss (δ 0.01), batch 32, EMA 0.99, gradient clipping at 100
   hipnn_ts  polyfid "hipnn_ts", the same sizes, l_max 2; the same recipe
   hiphop    polyfid "hiphop", the same sizes, l_max 3, max_tensors 4; the same recipe
   mace      mace-torch 0.3.16, the small standard model of PEERS.md (ScaleShiftMACE as its
@@ -88,8 +89,13 @@ POLYFID_ARCH = {
     "hipnn_ts": ARCH | {"architecture": "hipnn_ts", "l_max": 2},
     "hiphop": ARCH | {"architecture": "hiphop", "l_max": 3, "max_tensors": 4},
 }
-#: polyfid recipe: PEERS.md's plus EMA 0.99, no gradient clipping (as rmd17.py's side-by-side run)
-POLYFID_RECIPE = PEERS_RECIPE | {"ema_decay": 0.99, "grad_clip": None}
+#: polyfid recipe: PEERS.md's loss and schedule with the optimiser settings tuned on rMD17 ethanol's
+#: validation frames (rmd17.py's long runs), the same for the three polyfid networks
+POLYFID_RECIPE = dict(common.TUNED_RECIPE)
+#: architectures whose single-molecule calls go through torch.compile: faster for HIP-NN; HIP-HOP-NN's
+#: compiled CPU code is slower than eager (aspirin, 1 thread: 15 against 68 calls/s), HIP-NN-TS has no
+#: explicit forces
+COMPILE_SINGLE = ("hipnn",)
 
 #: MACE's small standard model (PEERS.md), the rest as mace's own defaults for --model MACE
 MACE_ARCH = {
@@ -207,7 +213,7 @@ def polyfid_worker(a: argparse.Namespace) -> None:
     batched, _, _ = _rate_passes(one_pass, len(atoms), a.infer_window_s, a.device)
 
     # single-molecule calls through the ASE calculator (compiled where the architecture allows)
-    compiled = bool(model.explicit and not a.no_compile)
+    compiled = bool(model.explicit and arch["architecture"] in COMPILE_SINGLE and not a.no_compile)
     positions = np.stack([f.positions for f in test_ds])
     calc_atoms = ase.Atoms(numbers=test_ds[0].numbers, positions=positions[0])
     calc_atoms.calc = PolyfidCalculator(model, dtype="float32", device=a.device, compile=compiled)
@@ -219,7 +225,7 @@ def polyfid_worker(a: argparse.Namespace) -> None:
         "batched_cfg_per_s": batched,
         "single_path": "polyfid.PolyfidCalculator (vesin neighbour list per call"
                        + (", torch.compile'd during warm-up)" if compiled else ", not compiled: "
-                          + ("--no-compile)" if model.explicit else "forces by autograd, no compiled path)")),
+                          + ("--no-compile)" if a.no_compile else "eager, see COMPILE_SINGLE)")),
         "single_compiled": compiled,
         "single_warmup_s": warm_s,
         "batched_path": batched_path,
@@ -650,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--quick 2 s)")
     p.add_argument("--no-compile", action="store_true",
                    help="polyfid's calculator without torch.compile (by default HIP-NN's is compiled, as in "
-                   "throughput.py; hipnn_ts and hiphop have no compiled path)")
+                   "throughput.py; hipnn_ts and hiphop run eager, see COMPILE_SINGLE)")
     p.add_argument("--seed", type=int, default=0)
     # worker (internal)
     p.add_argument("--worker", choices=["polyfid", "mace"], help=argparse.SUPPRESS)

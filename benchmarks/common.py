@@ -63,6 +63,10 @@ PEERS_RECIPE = {
     "final_energy_weight": 1000.0,
     "final_fraction": 0.25,
 }
+#: PEERS_RECIPE as tuned for polyfid on rMD17 ethanol's validation frames (rmd17.py --mode long):
+#: Adam 3e-3 with weight decay 1e-4, Huber loss (δ = 0.01), EMA 0.99
+TUNED_RECIPE = PEERS_RECIPE | {"ema_decay": 0.99, "grad_clip": 100.0, "lr": 3e-3, "loss": "huber",
+                               "huber_delta": 0.01, "weight_decay": 1e-4}
 
 
 # ---- environment ---------------------------------------------------------------------

@@ -63,8 +63,7 @@ SIDE_RECIPE_POLYFID = PEERS_RECIPE | {"ema_decay": 0.99, "grad_clip": None}
 #: force MAE: PEERS recipe 53.2, huber 50.4, lr 3e-3 45.5, lr 5e-3 44.4, both 42.3 meV/Å). Weight
 #: decay 1e-4 because without it the 30-minute ethanol model fit its training file at 3.2 meV/Å and
 #: its validation frames at 24.3; with it, validation 19.6.
-LONG_RECIPE = PEERS_RECIPE | {"ema_decay": 0.99, "grad_clip": 100.0, "lr": 3e-3, "loss": "huber", "huber_delta": 0.01,
-                              "weight_decay": 1e-4}
+LONG_RECIPE = common.TUNED_RECIPE
 
 #: targets of the issue: (molecule, key, quantity, bound)
 TARGETS = [

@@ -20,8 +20,9 @@ class PolyfidCalculator(Calculator):
 
     fidelity: the level of theory to predict (a head of the model; default its first).
     dtype: "float32" (fast) or "float64".
-    compile: compile the model with torch.compile (~25 s at the first call, then about
-    twice as many calls per second for small molecules: worth it for long MD).
+    compile: compile the model with torch.compile (~25 s at the first call; HIP-NN then makes
+    1.5-2x as many calls per second on small molecules, worth it for long MD; HIP-HOP-NN's
+    compiled CPU code is slower than eager, leave it off there).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]

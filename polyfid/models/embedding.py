@@ -44,9 +44,8 @@ class FidelityEmbeddingPotential(Potential):
             return e_atom.sum().reshape(1)
         return e_atom.new_zeros(batch.n_frames).index_add_(0, batch.frame, e_atom)
 
-    def energies(self, batch, positions, cell) -> torch.Tensor:
+    def _energies(self, idx, x, geom, batch) -> torch.Tensor:
         """Energies (B, H) of every fidelity, one network pass each (the autograd path)."""
-        idx, x, geom = self._geometry(batch, positions, cell)
         out: list[torch.Tensor | None] = [None] * len(self.fidelities)
         for h in range(len(self.fidelities)):
             out[h] = self._head_energy(self.representation(self._inputs(x, h), geom), idx, batch, h)

@@ -43,6 +43,41 @@ class Interaction(nn.Module):
         out = torch.addmm(si.bias, z, si.weight.t())
         return out.addmm_(env.reshape(z.shape[0], -1), self.weight.view(-1, self.n_out))
 
+    # ---- explicit gradient (see HIPNN.pair_gradient) --------------------------------------
+
+    def forward_explicit(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor,
+                         cut: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The pre-activation (N, n_out), and what `backward_explicit` needs."""
+        parts = self.sensitivity.parts(inv_r, cut)
+        nbr = geom.neighbor_features(z)
+        return self.combine(z, geom.neighbor_sum(parts[0], nbr)), {"nbr": nbr, "parts": parts}
+
+    def backward_explicit(self, ga: torch.Tensor, saved: dict, geom: PairGeometry, radial: tuple[torch.Tensor, ...],
+                          input_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Given dE/d(pre-activation) ga (N, n_out): dE/dr (N·K,) and the gradient with respect
+        to the representation's direction-dependent `shared_pair_terms` (or None) per slot of the
+        padded layout, and dE/dz (N, n_in) when `input_grad`."""
+        g_s, g_in = self.scalar_backward(ga, saved, geom, input_grad)
+        return self.radial_backward(g_s, saved["parts"], radial), None, g_in
+
+    def scalar_backward(self, ga: torch.Tensor, saved: dict, geom: PairGeometry,
+                        input_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """dE/ds (N·K, n_sens) and dE/dz (N, n_in) (or None) of the HIP-NN terms."""
+        n_atoms = ga.shape[0]
+        g_env = (ga @ self.weight.view(-1, self.n_out).t()).view(n_atoms, self.n_in, self.n_sens)
+        g_s = bmm(saved["nbr"], g_env).view(-1, self.n_sens)  # (N·K, n_sens)
+        if not input_grad:
+            return g_s, None
+        s = saved["parts"][0].view(n_atoms, geom.max_neighbors, self.n_sens)
+        g_nbr = bmm(s, g_env.transpose(1, 2))  # (N, K, n_in)
+        g_in = (ga @ self.self_interaction.weight).index_add(0, geom.nbr_j, g_nbr.reshape(-1, self.n_in))
+        return g_s, g_in
+
+    def radial_backward(self, g_s: torch.Tensor, parts: tuple[torch.Tensor, ...],
+                        radial: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """dE/dr (N·K,) from dE/ds (N·K, n_sens)."""
+        return (g_s * self.sensitivity.radial_derivative(parts, *radial)).sum(1)
+
 
 def _weight_from_old_layout(module: Interaction, state_dict: dict, prefix: str, *args) -> None:
     """Model files written before the weight became (n_in, n_sens, n_out) held it as
@@ -103,12 +138,23 @@ class HIPNN(nn.Module):
             cols.append(self.cutoff_fn.derivative(r))
         return list(geom.pad(torch.cat(cols, dim=1)).split(1, dim=1))
 
+    def shared_pair_terms(self, geom: PairGeometry) -> tuple[torch.Tensor, ...]:
+        """Per-pair quantities every interaction layer reads beyond 1/r and φ_cut (computed once
+        per pass; HIP-NN: none)."""
+        return ()
+
+    def direction_gradient(self, shared: tuple[torch.Tensor, ...], grad: torch.Tensor) -> torch.Tensor:
+        """dE/dr̂ (N·K, 3) from the interactions' summed gradients with respect to the
+        direction-dependent shared terms (HIP-NN has none)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, geom: PairGeometry) -> list[torch.Tensor]:
         """x: (N, n_species) one-hot; returns the features of each block, [(N, f_0), (N, f_1), ...]."""
         inv_r, cut = self._radial(geom)
+        shared = self.shared_pair_terms(geom)
         out = [x]
         for block in self.blocks:
-            x = block[0](x, geom, inv_r, cut)
+            x = block[0](x, geom, inv_r, cut, *shared)
             if not self.resnet:
                 x = self.act(x)
             for layer in block[1:]:
@@ -128,12 +174,11 @@ class HIPNN(nn.Module):
     def forward_explicit(self, x: torch.Tensor, geom: PairGeometry) -> tuple[list[torch.Tensor], dict]:
         """As `forward`, also returning the intermediates `pair_gradient` needs."""
         inv_r, cut, dcut = self._radial(geom, derivative=True)
+        shared = self.shared_pair_terms(geom)
         out, saved = [x], []
         for block in self.blocks:
             inter = block[0].base if self.resnet else block[0]
-            parts = inter.sensitivity.parts(inv_r, cut)
-            nbr = geom.neighbor_features(x)
-            a = inter.combine(x, geom.neighbor_sum(parts[0], nbr))
+            a, saved_inter = inter.forward_explicit(x, geom, inv_r, cut, *shared)
             h = self.act(a)
             x = block[0].around(x, h) if self.resnet else h
             pre = []
@@ -143,17 +188,16 @@ class HIPNN(nn.Module):
                 pre.append(p)
                 h = self.act(p)
                 x = layer.around(x, h) if self.resnet else h
-            saved.append({"nbr": nbr, "parts": parts, "a": a, "pre": pre})
+            saved.append({"inter": saved_inter, "a": a, "pre": pre})
             out.append(x)
-        return out, {"geom": geom, "radial": (inv_r, cut, dcut), "blocks": saved}
+        return out, {"geom": geom, "radial": (inv_r, cut, dcut), "shared": shared, "blocks": saved}
 
     def pair_gradient(self, cache: dict, feature_grads: list[torch.Tensor]) -> torch.Tensor:
         """dE/d(pair vector) (P, 3), given dE/d(features of block n) for every block
         (feature_grads[n]: (N, f_n) or (1, f_n), e.g. readout weights)."""
         geom: PairGeometry = cache["geom"]
-        inv_r, cut, dcut = cache["radial"]
         g = feature_grads[-1]
-        g_r = None
+        g_r = g_dir = None
         for n in range(len(self.blocks) - 1, -1, -1):
             block, saved = self.blocks[n], cache["blocks"][n]
             for layer, p in zip(reversed(block[1:]), reversed(saved["pre"])):
@@ -170,20 +214,20 @@ class HIPNN(nn.Module):
                 gz, ga = block[0].backward_around(g, dact)
             else:
                 gz, ga = None, g * dact
-            n_atoms = ga.shape[0]
-            g_env = (ga @ inter.weight.view(-1, inter.n_out).t()).view(n_atoms, inter.n_in, inter.n_sens)
-            s = saved["parts"][0].view(n_atoms, geom.max_neighbors, inter.n_sens)
-            g_s = bmm(saved["nbr"], g_env)  # (N, K, n_sens)
-            dsdr = inter.sensitivity.radial_derivative(saved["parts"], inv_r, cut, dcut)
-            contrib = (g_s.reshape_as(dsdr) * dsdr).sum(1)
-            g_r = contrib if g_r is None else g_r + contrib
+            # block 0's input is the element one-hot: no gradient needed
+            r_n, dir_n, g_in = inter.backward_explicit(ga, saved["inter"], geom, cache["radial"], n > 0)
+            g_r = r_n if g_r is None else g_r + r_n
+            if dir_n is not None:
+                g_dir = dir_n if g_dir is None else g_dir + dir_n
             if n == 0:
-                break  # block 0's input is the element one-hot: no gradient needed
-            g_nbr = bmm(s, g_env.transpose(1, 2))  # (N, K, n_in)
-            g_in = ga @ inter.self_interaction.weight
+                break
             if gz is not None:
                 g_in = g_in + gz
-            g_in = g_in.index_add(0, geom.nbr_j, g_nbr.reshape(-1, inter.n_in))
             g = g_in + feature_grads[n]
-        # dE/dvec = dE/dr · vec / r
-        return geom.unpad(g_r.unsqueeze(1)) / geom.r.unsqueeze(1) * geom.vec
+        # dE/dvec = dE/dr · r̂ + (1 − r̂r̂) dE/dr̂ / r
+        r = geom.r.unsqueeze(1)
+        g_vec = geom.unpad(g_r.unsqueeze(1)) / r * geom.vec
+        if g_dir is not None:
+            u, g_u = geom.vec / r, geom.unpad(self.direction_gradient(cache["shared"], g_dir))
+            g_vec = g_vec + (g_u - (g_u * u).sum(1, keepdim=True) * u) / r
+        return g_vec

@@ -145,3 +145,22 @@ def test_unknown_element_is_a_clear_error(mol_model):
     atoms.calc = PolyfidCalculator(mol_model, dtype="float64")
     with pytest.raises(polyfid.DataError, match=r"atomic numbers \[29\]"):
         atoms.get_potential_energy()
+
+
+@pytest.mark.parametrize("arch", ["hipnn_ts", "hiphop"])
+def test_compiled_calculator_equals_eager(arch):
+    """compile=True also for architectures without a compiled explicit pass in the past:
+    hipnn_ts (energy compiled, forces from its compiled backward) and hiphop (explicit forces)."""
+    torch.manual_seed(0)
+    extra = {"l_max": 2} if arch == "hipnn_ts" else {"l_max": 2, "max_tensors": 3, "tensor_features": 4}
+    model = build_potential({"architecture": arch, **SMALL, **extra}, [1, 6, 8], ["low"])
+    with torch.no_grad():
+        model.readout.weight.normal_(0, 0.3)
+    model = model.double().eval()
+    for k in range(2):  # a second geometry reuses the compiled code
+        atoms = ethanol(k)
+        atoms.calc = PolyfidCalculator(model, dtype="float64")
+        e, f = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = PolyfidCalculator(model, dtype="float64", compile=True)
+        assert atoms.get_potential_energy() == pytest.approx(e, rel=1e-10, abs=1e-10)
+        np.testing.assert_allclose(atoms.get_forces(), f, rtol=1e-8, atol=1e-10)
