@@ -63,14 +63,15 @@ class InvariantInteraction(Interaction):
         x = bmm(yc.transpose(1, 2), h).transpose(0, 1).reshape(yc.shape[2], -1)  # (W, N·A_t)
         return {"filt": filt, "feat": feat, "h": h, "yc": yc, "x": x}
 
-    def _mixed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalised invariants mixed into n_out features, (N, n_out); also the raw
-        invariants and 1 + inv², (I, N·A_t)."""
-        inv = self.compact(x)
+    def _mixed(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Normalised invariants mixed into n_out features, (N, n_out); also what the written-out
+        derivative needs: the compact blocks z, the raw invariants and 1 + inv², (I, N·A_t)."""
+        z = self.compact.expand(x)
+        inv = self.compact.combine(z)
         den = 1 + inv.square()
         # mixing weights are laid out invariant-major, (I, A_t)
         inv_n = (inv / den.pow(self.power)).view(inv.shape[0], -1, self.n_tensor).transpose(0, 1)
-        return self.mix(inv_n.reshape(inv_n.shape[0], -1)), inv, den
+        return self.mix(inv_n.reshape(inv_n.shape[0], -1)), {"z": z, "inv": inv, "den": den}
 
     def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor, u: torch.Tensor,
                 yc: torch.Tensor) -> torch.Tensor:
@@ -83,18 +84,18 @@ class InvariantInteraction(Interaction):
                          u: torch.Tensor, yc: torch.Tensor) -> tuple[torch.Tensor, dict]:
         scalar, saved = super().forward_explicit(z, geom, inv_r, cut)
         t = self.tensors(z, geom, saved["parts"][0], yc)
-        mixed, inv, den = self._mixed(t["x"])
-        return scalar + mixed, saved | t | {"inv": inv, "den": den}
+        mixed, terms = self._mixed(t["x"])
+        return scalar + mixed, saved | t | terms
 
     def backward_explicit(self, ga: torch.Tensor, saved: dict, geom: PairGeometry, radial: tuple[torch.Tensor, ...],
                           input_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         g_s, g_in = self.scalar_backward(ga, saved, geom, input_grad)
         n, k = ga.shape[0], geom.max_neighbors
-        inv, den, x = saved["inv"], saved["den"], saved["x"]
+        inv, den = saved["inv"], saved["den"]
         # d/dx of x (1 + x²)^(−p) = (1 + x²)^(−p−1) (1 + (1 − 2p) x²)
         g_inv = (ga @ self.mix.weight).view(n, -1, self.n_tensor).transpose(0, 1).reshape(inv.shape)
         g_inv = g_inv * den.pow(-self.power - 1) * (1 + (1 - 2 * self.power) * inv.square())
-        g_x = self.compact.backward(x, g_inv).view(x.shape[0], n, -1).transpose(0, 1)  # (N, W, A_t)
+        g_x = self.compact.backward(saved["z"], g_inv).view(-1, n, self.n_tensor).transpose(0, 1)  # (N, W, A_t)
         g_h = bmm(saved["yc"], g_x)  # (N, K, A_t)
         g_yc = bmm(saved["h"], g_x.transpose(1, 2))  # (N, K, W)
         g_s = g_s + (g_h * saved["feat"]).reshape(n * k, -1) @ self.filter.weight

@@ -39,18 +39,11 @@ class TensorEnvironment(Interaction):
         h = bmm(s.unsqueeze(1), geom.neighbor_features(msg).view(n * k, self.n_sens, self.n_out))  # (N·K, 1, A)
         return self.moments(geom, h.view(n, k, self.n_out))
 
-    def harmonics(self, geom: PairGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-        """r̂ (N·K, 3) and Y^l(r̂) for l = 1..l_max, (N, K, M − 1), in the padded layout (zeros in pad slots)."""
-        k = geom.max_neighbors
-        u = geom.pad(geom.vec / geom.r.unsqueeze(1))
-        return u, cartesian_harmonics(u, self.l_max)[:, 1:].view(u.shape[0] // k, k, -1)
-
-    def moments(self, geom: PairGeometry, h: torch.Tensor, y: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Σ_j h_ija Y^l(r̂_ij) for l = 1..l_max; h: (N, K, A) pair messages in the padded layout,
-        y: `harmonics(geom)[1]` when already at hand."""
+    def moments(self, geom: PairGeometry, h: torch.Tensor) -> list[torch.Tensor]:
+        """Σ_j h_ija Y^l(r̂_ij) for l = 1..l_max; h: (N, K, A) pair messages in the padded layout."""
         n, k, a = h.shape
-        y = self.harmonics(geom)[1] if y is None else y
-        higher = bmm(y.transpose(1, 2), h)  # (N, M − 1, A)
+        y = cartesian_harmonics(geom.pad(geom.vec / geom.r.unsqueeze(1)), self.l_max)[:, 1:]  # (N·K, M − 1)
+        higher = bmm(y.view(n, k, -1).transpose(1, 2), h)  # (N, M − 1, A)
         return split_orders(torch.cat([higher.new_zeros(n, 1, a), higher], 1), self.l_max)[1:]
 
     def scalar_term(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor) -> torch.Tensor:

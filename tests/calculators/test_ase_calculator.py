@@ -149,8 +149,8 @@ def test_unknown_element_is_a_clear_error(mol_model):
 
 @pytest.mark.parametrize("arch", ["hipnn_ts", "hiphop"])
 def test_compiled_calculator_equals_eager(arch):
-    """compile=True also for architectures without a compiled explicit pass in the past:
-    hipnn_ts (energy compiled, forces from its compiled backward) and hiphop (explicit forces)."""
+    """compile=True gives eager's numbers for hipnn_ts (energy compiled, forces from its compiled
+    backward) and hiphop (the explicit pass compiled)."""
     torch.manual_seed(0)
     extra = {"l_max": 2} if arch == "hipnn_ts" else {"l_max": 2, "max_tensors": 3, "tensor_features": 4}
     model = build_potential({"architecture": arch, **SMALL, **extra}, [1, 6, 8], ["low"])

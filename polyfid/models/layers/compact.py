@@ -94,10 +94,6 @@ class CompactHarmonics(_Constants):
             r, c = r + WIDTHS[l_], c + 2 * l_ + 1
         self._constant("proj", proj)
 
-    @property
-    def width(self) -> int:
-        return self.proj.shape[1]
-
     def forward(self, geom) -> tuple[torch.Tensor, torch.Tensor]:
         k = geom.max_neighbors
         u = geom.pad(geom.vec / geom.r.unsqueeze(1))
@@ -143,7 +139,6 @@ class CompactInvariants(_Constants):
         offset, start = 0, {}
         for k in self.order:
             start[k], offset = offset, offset + self.widths[k]
-        self.n_z = offset
         left, right, which = [], [], []
         for i, k in enumerate(self.names):
             a, b = TERMS[k]
@@ -156,7 +151,8 @@ class CompactInvariants(_Constants):
         total[torch.arange(len(left)), torch.tensor(which)] = 1.0
         self.register_buffer("total", total, persistent=False)
 
-    def _blocks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """x (width, R)  ->  every block the invariants read, stacked (Σ block widths, R), in `order`."""
         out = dict(zip(self.base, x.split([self.widths[b] for b in self.base], dim=0)))
         if self.with_qf:
             out["Qf"] = self.qf.to(x.dtype).t() @ out["q"]
@@ -164,27 +160,30 @@ class CompactInvariants(_Constants):
             a, b, _ = BILINEAR[k]
             outer = (out[a][:, None] * out[b][None]).reshape(-1, x.shape[1])
             out[k] = getattr(self, f"coef_{k}").to(x.dtype).t() @ outer
-        return out
+        return torch.cat([out[k] for k in self.order], dim=0)
+
+    def combine(self, z: torch.Tensor) -> torch.Tensor:
+        """The invariants (len(names), R) from `expand`'s blocks."""
+        return self.total.to(z.dtype).t() @ (z.index_select(0, self.left) * z.index_select(0, self.right))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (width, R) compact tensors, one column per atom and channel  ->  (len(names), R)."""
-        blocks = self._blocks(x)
-        z = torch.cat([blocks[k] for k in self.order], dim=0)
-        return self.total.to(x.dtype).t() @ (z.index_select(0, self.left) * z.index_select(0, self.right))
+        return self.combine(self.expand(x))
 
-    def backward(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """Σ_k grad_k ∂inv_k/∂x: x (width, R), grad (len(names), R)  ->  (width, R)."""
-        blocks = self._blocks(x)
-        z = torch.cat([blocks[k] for k in self.order], dim=0)
-        g_term = self.total.to(x.dtype) @ grad
+    def backward(self, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Σ_k grad_k ∂inv_k/∂x at z = expand(x) (kept from the forward pass); grad (len(names), R)
+        ->  (width, R)."""
+        g_term = self.total.to(z.dtype) @ grad
         g_z = torch.zeros_like(z).index_add(0, self.left, g_term * z.index_select(0, self.right))
         g_z = g_z.index_add(0, self.right, g_term * z.index_select(0, self.left))
-        g = dict(zip(self.order, g_z.split([self.widths[k] for k in self.order], dim=0)))
+        sizes = [self.widths[k] for k in self.order]
+        blocks = dict(zip(self.order, z.split(sizes, dim=0)))
+        g = dict(zip(self.order, g_z.split(sizes, dim=0)))
         for k in reversed(self.bilinear):  # intermediates depend on the base blocks only
             a, b, _ = BILINEAR[k]
-            m = (getattr(self, f"coef_{k}").to(x.dtype) @ g[k]).view(self.widths[a], self.widths[b], -1)
+            m = (getattr(self, f"coef_{k}").to(z.dtype) @ g[k]).view(self.widths[a], self.widths[b], -1)
             g[a] = g[a] + (m * blocks[b][None]).sum(1)
             g[b] = g[b] + (m * blocks[a][:, None]).sum(0)
         if self.with_qf:
-            g["q"] = g["q"] + self.qf.to(x.dtype) @ g["Qf"]
+            g["q"] = g["q"] + self.qf.to(z.dtype) @ g["Qf"]
         return torch.cat([g[b] for b in self.base], dim=0)
