@@ -65,13 +65,14 @@ class InvariantInteraction(Interaction):
 
     def _mixed(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Normalised invariants mixed into n_out features, (N, n_out); also what the written-out
-        derivative needs: the compact blocks z, the raw invariants and 1 + inv², (I, N·A_t)."""
+        derivative needs: the compact blocks z, the raw invariants, 1 + inv² and its −p power, (I, N·A_t)."""
         z = self.compact.expand(x)
         inv = self.compact.combine(z)
         den = 1 + inv.square()
+        scale = den.pow(-self.power)
         # mixing weights are laid out invariant-major, (I, A_t)
-        inv_n = (inv / den.pow(self.power)).view(inv.shape[0], -1, self.n_tensor).transpose(0, 1)
-        return self.mix(inv_n.reshape(inv_n.shape[0], -1)), {"z": z, "inv": inv, "den": den}
+        inv_n = (inv * scale).view(inv.shape[0], -1, self.n_tensor).transpose(0, 1)
+        return self.mix(inv_n.reshape(inv_n.shape[0], -1)), {"z": z, "inv": inv, "den": den, "scale": scale}
 
     def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor, u: torch.Tensor,
                 yc: torch.Tensor) -> torch.Tensor:
@@ -91,10 +92,10 @@ class InvariantInteraction(Interaction):
                           input_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         g_s, g_in = self.scalar_backward(ga, saved, geom, input_grad)
         n, k = ga.shape[0], geom.max_neighbors
-        inv, den = saved["inv"], saved["den"]
+        inv, den, scale = saved["inv"], saved["den"], saved["scale"]
         # d/dx of x (1 + x²)^(−p) = (1 + x²)^(−p−1) (1 + (1 − 2p) x²)
         g_inv = (ga @ self.mix.weight).view(n, -1, self.n_tensor).transpose(0, 1).reshape(inv.shape)
-        g_inv = g_inv * den.pow(-self.power - 1) * (1 + (1 - 2 * self.power) * inv.square())
+        g_inv = g_inv * (scale / den) * (1 + (1 - 2 * self.power) * inv.square())
         g_x = self.compact.backward(saved["z"], g_inv).view(-1, n, self.n_tensor).transpose(0, 1)  # (N, W, A_t)
         g_h = bmm(saved["yc"], g_x)  # (N, K, A_t)
         g_yc = bmm(saved["h"], g_x.transpose(1, 2))  # (N, K, W)

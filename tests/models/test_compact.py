@@ -84,6 +84,21 @@ def test_harmonics_gradient_equals_autograd_across_directions(l_max: int) -> Non
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("l_max", [1, 2, 3])
+def test_harmonics_equal_the_projected_cartesian_ones(l_max: int) -> None:
+    """The monomial form of `CompactHarmonics` is the Cartesian harmonics in the traceless
+    basis, and padded slots (r̂ = 0) stay zero."""
+    harm = CompactHarmonics(l_max).double()
+    vec = directions(5, 11) * 1.7
+    geom = PairGeometry(torch.tensor([0, 0, 0, 1, 1]), torch.tensor([1, 0, 2, 0, 1]), vec, vec.norm(dim=1),
+                        torch.tensor([0, 1, 2, 4, 5]), torch.tensor([1, 0, 2, 0, 1, 0, 0, 0]), 4)
+    u, yc = harm(geom)
+    expected = cartesian_harmonics(u, l_max)[:, 1:] @ harm.proj
+    torch.testing.assert_close(yc.reshape(8, -1), expected, rtol=1e-12, atol=1e-14)
+    assert yc[0, 3].abs().max() == 0 and yc[1, 2:].abs().max() == 0
+    assert yc.shape[-1] == sum(2 * l_ + 1 for l_ in range(1, l_max + 1))
+
+
 def test_constants_stay_exact_through_float32() -> None:
     names = [k for k in invariant_names(3, 4) if k != "s"]
     exact = CompactInvariants(3, names).double()

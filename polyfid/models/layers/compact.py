@@ -2,12 +2,13 @@
 of the symmetric traceless tensors (2l + 1 numbers instead of 3^l), every intermediate a
 bilinear map written as one matrix product over all atoms and channels.
 
-The 13 invariants of DESIGN.md (`tensors.INVARIANTS`) are each Σ A ⊙ B over two of
+The 13 invariants of DESIGN.md (`tensors.INVARIANTS`) are each a dot product of two of
   v, q, t          the tensors of order 1, 2, 3 (3, 5, 7 coordinates; q·q = Q:Q, t·t = T:T)
-  Qf               Q as its 9 Cartesian entries
-  qq, qv, vv       (QQ)_ik, (Qv)_i, v_i v_j
-  b, tv, e         T_ijk T_ijl, T_ijk v_k, T_ijk Q_ij
-and a bilinear z = f(x, y) is (x ⊗ y) C with C = f on pairs of basis tensors, computed once.
+  qq, b            (QQ)_ik, T_ijk T_ijl: symmetric, 6 coordinates (5 traceless, then the trace)
+  vv, tv           v_i v_j (traceless part), T_ijk v_k: symmetric traceless, 5 coordinates
+  qv, e            (Qv)_i, T_ijk Q_ij: vectors, 3 coordinates
+and a bilinear z = f(x, y) is (x ⊗ y) C with C = f on pairs of basis tensors, projected onto
+z's orthonormal basis, computed once in float64.
 Full Cartesian products (tensors.invariants) would broadcast over 9 × 3 × 3 entries per
 channel; here the largest product is 7 × 7, and the contractions are GEMMs over all rows
 (atoms × channels) at once. `backward` is the same function's derivative written out, so that
@@ -16,23 +17,27 @@ training differentiates once (HIP-NN's explicit gradient) and inference needs no
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 from torch import nn
 
-from polyfid.models.layers.tensors import INVARIANTS, WIDTHS, cartesian_harmonics, harmonics_gradient
+from polyfid.models.layers.tensors import INVARIANTS, WIDTHS, cartesian_harmonics
 
-#: invariant -> the two blocks whose elementwise product it sums
+#: invariant -> the two blocks whose coordinates it dots (over the narrower block's leading rows)
 TERMS: dict[str, tuple[str, str]] = {
-    "v.v": ("v", "v"), "Q:Q": ("q", "q"), "T:T": ("t", "t"), "trQ3": ("qq", "Qf"), "vQv": ("qv", "v"),
-    "TTQ": ("b", "Qf"), "vQQv": ("qv", "qv"), "Tvvv": ("tv", "vv"), "vTTv": ("tv", "tv"), "b:b": ("b", "b"),
+    "v.v": ("v", "v"), "Q:Q": ("q", "q"), "T:T": ("t", "t"), "trQ3": ("qq", "q"), "vQv": ("qv", "v"),
+    "TTQ": ("b", "q"), "vQQv": ("qv", "qv"), "Tvvv": ("tv", "vv"), "vTTv": ("tv", "tv"), "b:b": ("b", "b"),
     "b:QQ": ("b", "qq"), "e.e": ("e", "e"),
 }
-#: bilinear intermediates: name -> (left block, right block, Cartesian formula on full tensors)
-BILINEAR: dict[str, tuple[str, str, str]] = {
-    "qq": ("q", "q", "pij,qjk->pqik"), "qv": ("q", "v", "pij,qj->pqi"), "vv": ("v", "v", "pi,qj->pqij"),
-    "b": ("t", "t", "pijk,qijl->pqkl"), "tv": ("t", "v", "pijk,qk->pqij"), "e": ("t", "q", "pijk,qij->pqk"),
+#: bilinear intermediates: name -> (left block, right block, Cartesian formula on full tensors, the
+#: space its coordinates are taken in: "vector" R³, "traceless" symmetric traceless matrices (5),
+#: "symmetric" matrices (6: the traceless basis, then I/√3))
+BILINEAR: dict[str, tuple[str, str, str, str]] = {
+    "qq": ("q", "q", "pij,qjk->pqik", "symmetric"), "qv": ("q", "v", "pij,qj->pqi", "vector"),
+    "vv": ("v", "v", "pi,qj->pqij", "traceless"), "b": ("t", "t", "pijk,qijl->pqkl", "symmetric"),
+    "tv": ("t", "v", "pijk,qk->pqij", "traceless"), "e": ("t", "q", "pijk,qij->pqk", "vector"),
 }
 BASE = ("v", "q", "t")  # order l = 1, 2, 3
 
@@ -72,12 +77,37 @@ class _Constants(nn.Module):
         return self
 
 
+def _monomials(u: torch.Tensor, degree: int) -> torch.Tensor:
+    """u (3, P)  ->  the monomials u_i u_j ... of degrees 0..degree (i ≤ j ≤ ...), (n, P), in
+    `_MONOMIALS` order; built coordinate-major, one row product per monomial."""
+    rows = [torch.ones_like(u[:1]), u]
+    prev = u
+    for d in range(2, degree + 1):
+        first, last = _EXTEND[d]
+        prev = prev.index_select(0, first) * u.index_select(0, last)
+        rows.append(prev)
+    return torch.cat(rows[: degree + 1], dim=0)
+
+
+#: exponent tuples (i ≤ j ≤ ...) of the monomials of degree 0..3, and for degree d ≥ 2 which
+#: degree d − 1 monomial and which coordinate make each one
+_MONOMIALS = [m for d in range(4) for m in itertools.combinations_with_replacement(range(3), d)]
+_EXTEND = {d: tuple(torch.tensor(x) for x in zip(*[
+    ([m for m in _MONOMIALS if len(m) == d - 1].index(m[:-1]), m[-1]) for m in _MONOMIALS if len(m) == d]))
+    for d in (2, 3)}
+
+
 class CompactHarmonics(_Constants):
     """Cartesian harmonics Y^1..Y^l_max of pair directions in compact coordinates.
 
     forward(geom): r̂ (N·K, 3) and the compact harmonics (N, K, W), W = Σ_{1≤l≤l_max} (2l + 1),
     in the padded layout; `gradient(u, g)`: dE/dr̂ (N·K, 3) from dE/d(compact harmonics)
     (N·K, W), up to components along r̂ (which the derivative of r̂ = r/|r| removes).
+
+    A traceless basis tensor E annihilates the trace terms of Y^l, so E : Y^l = c_l E : r̂^⊗l,
+    a linear map of the degree-l monomials of r̂: the harmonics are one GEMM on 19 monomials
+    instead of 3^l-entry tensors per pair, and their gradient another on the monomials of
+    one degree less.
     """
 
     def __init__(self, l_max: int) -> None:
@@ -85,23 +115,60 @@ class CompactHarmonics(_Constants):
         if not 1 <= l_max <= 3:
             raise ValueError(f"l_max must be 1, 2 or 3, not {l_max}")
         self.l_max = l_max
-        bases = [traceless_basis(l_) for l_ in range(1, l_max + 1)]
-        proj = torch.zeros(sum(WIDTHS[1:l_max + 1]), sum(2 * l_ + 1 for l_ in range(1, l_max + 1)),
-                           dtype=torch.float64)
+        n_mono = sum(1 for m in _MONOMIALS if len(m) <= l_max)
+        width = sum(2 * l_ + 1 for l_ in range(1, l_max + 1))
+        proj = torch.zeros(sum(WIDTHS[1:l_max + 1]), width, dtype=torch.float64)
         r = c = 0
-        for l_, e in enumerate(bases, start=1):  # block-diagonal over orders
-            proj[r:r + WIDTHS[l_], c:c + 2 * l_ + 1] = e.reshape(2 * l_ + 1, -1).t()
+        for l_ in range(1, l_max + 1):  # block-diagonal over orders
+            proj[r:r + WIDTHS[l_], c:c + 2 * l_ + 1] = traceless_basis(l_).reshape(2 * l_ + 1, -1).t()
             r, c = r + WIDTHS[l_], c + 2 * l_ + 1
-        self._constant("proj", proj)
+        # E : Y^l is homogeneous of degree l: fitted on the degree-l monomials alone (exactly,
+        # as the check shows), at fixed directions
+        u = torch.randn(4 * n_mono, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        u = u / u.norm(dim=1, keepdim=True)
+        mono = _monomials(u.t(), l_max).t()
+        target = cartesian_harmonics(u, l_max)[:, 1:] @ proj
+        degree = torch.tensor([len(m) for m in _MONOMIALS[:n_mono]])
+        coef = torch.zeros(n_mono, width, dtype=torch.float64)
+        c = 0
+        for l_ in range(1, l_max + 1):
+            rows = degree == l_
+            coef[rows, c:c + 2 * l_ + 1] = torch.linalg.lstsq(mono[:, rows], target[:, c:c + 2 * l_ + 1]).solution
+            c += 2 * l_ + 1
+        if (mono @ coef - target).abs().max() > 1e-12:
+            raise RuntimeError("compact harmonics are not a linear map of the monomials")
+        coef[coef.abs() < 1e-13] = 0.0
+        self._constant("proj", proj)  # Cartesian harmonics (after Y^0) -> compact coordinates
+        self._constant("coef", coef)  # (n_mono, W)
+        # ∂(monomial m)/∂u_d = n_md × (monomial m without one factor d): (3, n_low, W) after the map
+        low = [m for m in _MONOMIALS if len(m) < l_max]
+        deriv = torch.zeros(3, len(low), n_mono, dtype=torch.float64)
+        for i, m in enumerate(_MONOMIALS[:n_mono]):
+            for d in set(m):
+                rest = list(m)
+                rest.remove(d)
+                deriv[d, low.index(tuple(rest)), i] = m.count(d)
+        self._constant("dcoef", (deriv @ coef).reshape(3 * len(low), width))
+        self.n_low = len(low)
 
     def forward(self, geom) -> tuple[torch.Tensor, torch.Tensor]:
         k = geom.max_neighbors
         u = geom.pad(geom.vec / geom.r.unsqueeze(1))
-        y = cartesian_harmonics(u, self.l_max)[:, 1:] @ self.proj.to(u.dtype)
+        # the degree-0 monomial gives nothing (coefficient row 0 is zero), and pad slots (u = 0) stay 0
+        y = _monomials(u.t(), self.l_max).t() @ self.coef.to(u.dtype)
         return u, y.view(u.shape[0] // k, k, -1)
 
     def gradient(self, u: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        return harmonics_gradient(u, grad @ self.proj.to(grad.dtype).t(), self.l_max)
+        low = _monomials(u.t(), self.l_max - 1)  # (n_low, P)
+        h = (self.dcoef.to(grad.dtype) @ grad.t()).view(3, self.n_low, -1)
+        return (h * low[None]).sum(1).t()
+
+def _output_bases() -> dict[str, torch.Tensor]:
+    """Orthonormal bases (m, 3[, 3]) of the spaces the bilinear intermediates live in, float64."""
+    eye = torch.eye(3, dtype=torch.float64)
+    traceless = traceless_basis(2)
+    return {"vector": eye, "traceless": traceless,
+            "symmetric": torch.cat([traceless, (eye / math.sqrt(3.0))[None]])}
 
 
 class CompactInvariants(_Constants):
@@ -111,6 +178,10 @@ class CompactInvariants(_Constants):
     `forward` maps compact tensors x (Σ (2l + 1), R) (the basis of `CompactHarmonics`) to invariants (I, R);
     `backward(x, g)` gives Σ_k g_k ∂inv_k/∂x (Σ (2l + 1), R). Coordinates come first and the
     R = atoms × channels columns last, so that every product runs over long contiguous rows.
+    Every block is in an orthonormal basis, so each contraction is a plain dot product; a block
+    is kept only in the subspace its partners can see (vv is dotted with the traceless T·v only,
+    so its trace is dropped; the symmetric basis starts with the traceless one, so b · q reads
+    b's first 5 rows).
     """
 
     def __init__(self, l_max: int, names: list[str]) -> None:
@@ -120,31 +191,29 @@ class CompactInvariants(_Constants):
         if too_high := [k for k in names if max(INVARIANTS[k][0]) > l_max]:
             raise ValueError(f"invariants {too_high} need tensors of order above l_max = {l_max}")
         self.l_max, self.names = l_max, list(names)
-        bases = [traceless_basis(l_) for l_ in range(1, l_max + 1)]
         self.base = list(BASE[:l_max])
         self.widths = {b: 2 * l_ + 1 for l_, b in enumerate(self.base, start=1)}
         need = {b for k in self.names for b in TERMS[k]}
-        by_block = dict(zip(BASE, bases))
+        by_block = dict(zip(BASE, [traceless_basis(l_) for l_ in range(1, l_max + 1)]))
+        spaces = _output_bases()
         self.bilinear = [k for k in BILINEAR if k in need]
         for k in self.bilinear:
-            a, b, formula = BILINEAR[k]
-            coef = torch.einsum(formula, by_block[a], by_block[b])
-            self._constant(f"coef_{k}", coef.reshape(self.widths[a] * self.widths[b], -1))
-            self.widths[k] = coef[0, 0].numel()
-        self.with_qf = "Qf" in need
-        if self.with_qf:
-            self._constant("qf", bases[1].reshape(5, 9))
-            self.widths["Qf"] = 9
-        self.order = self.base + (["Qf"] if self.with_qf else []) + self.bilinear
+            a, b, formula, space = BILINEAR[k]
+            cart = torch.einsum(formula, by_block[a], by_block[b])  # (w_a, w_b, 3[, 3])
+            out = spaces[space].reshape(len(spaces[space]), -1)
+            self._constant(f"coef_{k}", cart.reshape(self.widths[a] * self.widths[b], -1) @ out.t())
+            self.widths[k] = out.shape[0]
+        self.order = self.base + self.bilinear
         offset, start = 0, {}
         for k in self.order:
             start[k], offset = offset, offset + self.widths[k]
         left, right, which = [], [], []
         for i, k in enumerate(self.names):
             a, b = TERMS[k]
-            left += range(start[a], start[a] + self.widths[a])
-            right += range(start[b], start[b] + self.widths[b])
-            which += [i] * self.widths[a]
+            n = min(self.widths[a], self.widths[b])
+            left += range(start[a], start[a] + n)
+            right += range(start[b], start[b] + n)
+            which += [i] * n
         self.register_buffer("left", torch.tensor(left), persistent=False)
         self.register_buffer("right", torch.tensor(right), persistent=False)
         total = torch.zeros(len(left), len(self.names))
@@ -154,10 +223,8 @@ class CompactInvariants(_Constants):
     def expand(self, x: torch.Tensor) -> torch.Tensor:
         """x (width, R)  ->  every block the invariants read, stacked (Σ block widths, R), in `order`."""
         out = dict(zip(self.base, x.split([self.widths[b] for b in self.base], dim=0)))
-        if self.with_qf:
-            out["Qf"] = self.qf.to(x.dtype).t() @ out["q"]
         for k in self.bilinear:
-            a, b, _ = BILINEAR[k]
+            a, b = BILINEAR[k][:2]
             outer = (out[a][:, None] * out[b][None]).reshape(-1, x.shape[1])
             out[k] = getattr(self, f"coef_{k}").to(x.dtype).t() @ outer
         return torch.cat([out[k] for k in self.order], dim=0)
@@ -180,10 +247,8 @@ class CompactInvariants(_Constants):
         blocks = dict(zip(self.order, z.split(sizes, dim=0)))
         g = dict(zip(self.order, g_z.split(sizes, dim=0)))
         for k in reversed(self.bilinear):  # intermediates depend on the base blocks only
-            a, b, _ = BILINEAR[k]
+            a, b = BILINEAR[k][:2]
             m = (getattr(self, f"coef_{k}").to(z.dtype) @ g[k]).view(self.widths[a], self.widths[b], -1)
             g[a] = g[a] + (m * blocks[b][None]).sum(1)
             g[b] = g[b] + (m * blocks[a][:, None]).sum(0)
-        if self.with_qf:
-            g["q"] = g["q"] + self.qf.to(z.dtype) @ g["Qf"]
         return torch.cat([g[b] for b in self.base], dim=0)
