@@ -8,6 +8,9 @@ ethanol_levels  ("one molecule, many levels")
     tasks      the 950 rMD17 ethanol training frames of benchmarks/multifidelity.py at four levels:
                gfn1-xtb, gfn2-xtb (tblite, computed here), pbe_def2svp (rMD17 ``energies``/``forces``)
                and md17_pbe_ts (the original MD17 ``old_*`` labels, PBE+vdW-TS); E+F everywhere.
+               The two xTB tasks also hold the 250 geometries of the B3LYP fine-tuning pool (never
+               its test frames): cheap labels on the geometries a new level will be fitted on are
+               what a user of polyfid has, and rMD17's 300 K MD does not reach QM-22's geometries.
     b3lyp      QM-22 ethanol, B3LYP/6-311+G(d,p) (VWN5 flavour = PySCF ``b3lyp5``): pool = 250
                frames, test = 200 other frames (one seed-0 permutation of the file).
     mp2        MP2/cc-pVDZ E+F: pool = the 500 rMD17 training frames of
@@ -186,13 +189,14 @@ def _ethanol_frames(data_dir: Path, quick: bool) -> dict[str, Any]:
             ds = ds[np.arange(0, len(ds), SCAN_STEP_QUICK)]
         ds.name = name
         scans[name] = ds
-    return {"train": train, "mp2_pool": mp2_pool, "mp2_test": mp2_test, "b3lyp_pool": b3_pool,
+    xtb = _bare(train) + _bare(b3_pool[np.arange(min(len(b3_pool), N_ETHANOL_QUICK))] if quick else b3_pool)
+    return {"train": train, "xtb": xtb, "mp2_pool": mp2_pool, "mp2_test": mp2_test, "b3lyp_pool": b3_pool,
             "b3lyp_test": b3_test, "scans": scans}
 
 
 def _ethanol_jobs(fr: dict[str, Any]) -> list[tuple[str, str, Dataset, bool]]:
     """(what, level, frames, forces) that ethanol_levels needs from the label store."""
-    jobs = [(f"tasks {lv}", lv, _bare(fr["train"]), True) for lv in ("gfn1-xtb", "gfn2-xtb")]
+    jobs = [(f"tasks {lv}", lv, fr["xtb"], True) for lv in ("gfn1-xtb", "gfn2-xtb")]
     jobs += [("mp2 pool", LEVELS["mp2"], fr["mp2_pool"], True), ("mp2 test", LEVELS["mp2"], fr["mp2_test"], True)]
     for held in HELD_OUT_ETHANOL:
         jobs += [(f"{held} scan {name}", LEVELS[held], ds, False) for name, ds in fr["scans"].items()]
@@ -206,7 +210,7 @@ def ethanol_levels(data_dir: Path, store: Path = DEFAULT_STORE, quick: bool = Fa
     fr = _ethanol_frames(data_dir, quick)
     train = fr["train"]
     with LabelStore(store) as st:
-        parts = {lv: _from_store(_bare(train), st, lv, lv, True) for lv in ("gfn1-xtb", "gfn2-xtb")}
+        parts = {lv: _from_store(fr["xtb"], st, lv, lv, True) for lv in ("gfn1-xtb", "gfn2-xtb")}
         parts |= {lv: _as_task(train, lv, lv) for lv in ("pbe_def2svp", "md17_pbe_ts")}
         held = {
             "b3lyp": HeldOut(_as_task(fr["b3lyp_pool"], "b3lyp", "b3lyp"),
@@ -223,7 +227,7 @@ def ethanol_levels(data_dir: Path, store: Path = DEFAULT_STORE, quick: bool = Fa
                 held[name].scans[scan] = lab
     tasks = [parts[t] for t in TASKS_ETHANOL]
     notes = {
-        "gfn1-xtb": "GFN1-xTB (tblite) E+F, 950 rMD17 ethanol training frames",
+        "gfn1-xtb": "GFN1-xTB (tblite) E+F, 950 rMD17 ethanol training frames and the B3LYP pool's geometries",
         "gfn2-xtb": "GFN2-xTB (tblite) E+F, the same frames",
         "pbe_def2svp": "rMD17 energies/forces: PBE/def2-SVP (ORCA), the same frames",
         "md17_pbe_ts": "rMD17 old_energies/old_forces: original MD17 PBE+vdW-TS (FHI-aims), the same frames",

@@ -2,7 +2,8 @@
 Reptile pre-training, against pooled multi-head pre-training and training from scratch.
 
 Cases (data in benchmarks/meta_data.py):
-  ethanol_levels    pre-train on ethanol at GFN1-xTB, GFN2-xTB and the two rMD17 levels;
+  ethanol_levels    pre-train on ethanol at GFN1-xTB, GFN2-xTB (rMD17 frames and the B3LYP
+                    pool's geometries) and the two rMD17 levels;
                     fine-tune to QM-22's B3LYP (test: 200 other QM-22 frames) and to
                     MP2/cc-pVDZ (rMD17 training frames; test: 200 rMD17 test frames).
                     Scans: the BOTNet ethanol normal-mode and H-removal paths at each held-out level.

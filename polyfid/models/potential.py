@@ -179,14 +179,19 @@ class Potential(nn.Module):
         MD case). Same arguments as `forward`, create_graph excepted. Architectures with
         explicit forces compile the whole pass; the others compile the energy, whose backward
         (the forces) AOTAutograd compiles too."""
-        fn = self.__dict__.get("_compiled")
-        if fn is None:
-            target = self._forward_explicit if self.explicit else self._energies_checked
-            fn = self.__dict__["_compiled"] = torch.compile(target, dynamic=True)
+        def compiled_target(explicit: bool) -> Callable:
+            # one per path, so that toggling use_explicit_gradient afterwards stays correct
+            key = "_compiled_explicit" if explicit else "_compiled_energies"
+            if key not in self.__dict__:
+                target = self._forward_explicit if explicit else self._energies_checked
+                self.__dict__[key] = torch.compile(target, dynamic=True)
+            return self.__dict__[key]
 
         def run(batch: Batch, forces: bool = True, stress: bool = False, heads: Sequence[int] | None = None):
             idx = self._species(batch.numbers)  # checked outside: a data-dependent branch
-            if self.explicit:
+            explicit = self.explicit
+            fn = compiled_target(explicit)
+            if explicit:
                 return fn(batch, forces, stress, False, None if heads is None else tuple(heads), idx)
             return self._forward_autograd(batch, forces, stress, False, heads,
                                           lambda b, pos, cell: fn(b, pos, cell, idx))

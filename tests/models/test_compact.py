@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polyfid.models.layers.compact import CompactHarmonics, CompactInvariants, traceless_basis
+from polyfid.models.layers.compact import (
+    CompactHarmonics,
+    CompactInvariants,
+    harmonics_projection,
+    traceless_basis,
+)
 from polyfid.models.layers.geometry import PairGeometry
 from polyfid.models.layers.tensors import cartesian_harmonics, invariant_names, invariants, split_orders
 
@@ -21,11 +26,10 @@ def directions(n: int, seed: int) -> torch.Tensor:
 
 def environments(l_max: int, n_atoms: int = 4, k: int = 6, a: int = 3, seed: int = 0):
     """Cartesian tensors (N, M, A) of random environments and their compact form (W, N·A)."""
-    harm = CompactHarmonics(l_max).double()
     u = directions(n_atoms * k, seed)
     w = torch.randn(n_atoms, k, a, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     full = torch.einsum("nkm,nka->nma", cartesian_harmonics(u, l_max).view(n_atoms, k, -1), w)
-    yc = (cartesian_harmonics(u, l_max)[:, 1:] @ harm.proj).view(n_atoms, k, -1)
+    yc = (cartesian_harmonics(u, l_max)[:, 1:] @ harmonics_projection(l_max)).view(n_atoms, k, -1)
     compact = torch.einsum("nkw,nka->wna", yc, w).reshape(yc.shape[2], -1)
     return full, compact
 
@@ -93,7 +97,7 @@ def test_harmonics_equal_the_projected_cartesian_ones(l_max: int) -> None:
     geom = PairGeometry(torch.tensor([0, 0, 0, 1, 1]), torch.tensor([1, 0, 2, 0, 1]), vec, vec.norm(dim=1),
                         torch.tensor([0, 1, 2, 4, 5]), torch.tensor([1, 0, 2, 0, 1, 0, 0, 0]), 4)
     u, yc = harm(geom)
-    expected = cartesian_harmonics(u, l_max)[:, 1:] @ harm.proj
+    expected = cartesian_harmonics(u, l_max)[:, 1:] @ harmonics_projection(l_max)
     torch.testing.assert_close(yc.reshape(8, -1), expected, rtol=1e-12, atol=1e-14)
     assert yc[0, 3].abs().max() == 0 and yc[1, 2:].abs().max() == 0
     assert yc.shape[-1] == sum(2 * l_ + 1 for l_ in range(1, l_max + 1))
@@ -105,7 +109,11 @@ def test_constants_stay_exact_through_float32() -> None:
     round_trip = CompactInvariants(3, names).float().double()
     _, x = environments(3)
     torch.testing.assert_close(round_trip(x), exact(x), rtol=1e-13, atol=0)
-    assert CompactHarmonics(3).float().double().proj.dtype == torch.float64
+    harm, round_trip = CompactHarmonics(3).double(), CompactHarmonics(3).float().double()
+    for name in ("coef", "dcoef"):
+        assert torch.equal(getattr(round_trip, name), getattr(harm, name))
+    # a device move keeps the model's dtype (no float64 constants in a float32 model)
+    assert CompactHarmonics(3).to("cpu").coef.dtype == torch.float32
 
 
 def test_rejects_invariants_above_l_max() -> None:

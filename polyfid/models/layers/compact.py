@@ -4,7 +4,7 @@ bilinear map written as one matrix product over all atoms and channels.
 
 The 13 invariants of DESIGN.md (`tensors.INVARIANTS`) are each a dot product of two of
   v, q, t          the tensors of order 1, 2, 3 (3, 5, 7 coordinates; q·q = Q:Q, t·t = T:T)
-  qq, b            (QQ)_ik, T_ijk T_ijl: symmetric, 6 coordinates (5 traceless, then the trace)
+  qq, b            (QQ)_ik, T_ijk T_ijl: symmetric, 6 coordinates (5 traceless, then along I/√3)
   vv, tv           v_i v_j (traceless part), T_ijk v_k: symmetric traceless, 5 coordinates
   qv, e            (Qv)_i, T_ijk Q_ij: vectors, 3 coordinates
 and a bilinear z = f(x, y) is (x ⊗ y) C with C = f on pairs of basis tensors, projected onto
@@ -73,41 +73,40 @@ class _Constants(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         for name, value in self._exact.items():
-            setattr(self, name, fn(value))
+            # the buffer as fn left it gives dtype and device; the value comes from the original
+            now = getattr(self, name)
+            setattr(self, name, value.to(device=now.device, dtype=now.dtype))
         return self
 
 
-def _monomials(u: torch.Tensor, degree: int) -> torch.Tensor:
-    """u (3, P)  ->  the monomials u_i u_j ... of degrees 0..degree (i ≤ j ≤ ...), (n, P), in
-    `_MONOMIALS` order; built coordinate-major, one row product per monomial."""
-    rows = [torch.ones_like(u[:1]), u]
-    prev = u
-    for d in range(2, degree + 1):
-        first, last = _EXTEND[d]
-        prev = prev.index_select(0, first) * u.index_select(0, last)
-        rows.append(prev)
-    return torch.cat(rows[: degree + 1], dim=0)
-
-
-#: exponent tuples (i ≤ j ≤ ...) of the monomials of degree 0..3, and for degree d ≥ 2 which
-#: degree d − 1 monomial and which coordinate make each one
+#: exponent tuples (i ≤ j ≤ ...) of the monomials u_i u_j ... of degree 0..3
 _MONOMIALS = [m for d in range(4) for m in itertools.combinations_with_replacement(range(3), d)]
-_EXTEND = {d: tuple(torch.tensor(x) for x in zip(*[
-    ([m for m in _MONOMIALS if len(m) == d - 1].index(m[:-1]), m[-1]) for m in _MONOMIALS if len(m) == d]))
-    for d in (2, 3)}
+
+
+def harmonics_projection(l_max: int) -> torch.Tensor:
+    """(Σ_{1≤l≤l_max} 3^l, W) float64, block-diagonal over orders: `tensors.cartesian_harmonics`'
+    columns after Y^0 times this are the compact harmonics (the basis of `traceless_basis`)."""
+    width = sum(2 * l_ + 1 for l_ in range(1, l_max + 1))
+    proj = torch.zeros(sum(WIDTHS[1:l_max + 1]), width, dtype=torch.float64)
+    r = c = 0
+    for l_ in range(1, l_max + 1):
+        proj[r:r + WIDTHS[l_], c:c + 2 * l_ + 1] = traceless_basis(l_).reshape(2 * l_ + 1, -1).t()
+        r, c = r + WIDTHS[l_], c + 2 * l_ + 1
+    return proj
 
 
 class CompactHarmonics(_Constants):
     """Cartesian harmonics Y^1..Y^l_max of pair directions in compact coordinates.
 
     forward(geom): r̂ (N·K, 3) and the compact harmonics (N, K, W), W = Σ_{1≤l≤l_max} (2l + 1),
-    in the padded layout; `gradient(u, g)`: dE/dr̂ (N·K, 3) from dE/d(compact harmonics)
-    (N·K, W), up to components along r̂ (which the derivative of r̂ = r/|r| removes).
+    in the padded layout (padded slots: r̂ = 0, harmonics 0); `gradient(u, g)`: dE/dr̂ (N·K, 3)
+    from dE/d(compact harmonics) (N·K, W), the exact gradient of the polynomial below (components
+    along r̂ do not matter: the derivative of r̂ = r/|r| removes them).
 
-    A traceless basis tensor E annihilates the trace terms of Y^l, so E : Y^l = c_l E : r̂^⊗l,
-    a linear map of the degree-l monomials of r̂: the harmonics are one GEMM on 19 monomials
-    instead of 3^l-entry tensors per pair, and their gradient another on the monomials of
-    one degree less.
+    A traceless basis tensor E annihilates the trace terms of Y^l, so E : Y^l = E : r̂^⊗l, a
+    linear map of the degree-l monomials of r̂: the harmonics are one GEMM on the 19 monomials
+    of degree 1..3 instead of 3^l-entry tensors per pair, and their gradient another on the
+    monomials of one degree less.
     """
 
     def __init__(self, l_max: int) -> None:
@@ -115,35 +114,33 @@ class CompactHarmonics(_Constants):
         if not 1 <= l_max <= 3:
             raise ValueError(f"l_max must be 1, 2 or 3, not {l_max}")
         self.l_max = l_max
-        n_mono = sum(1 for m in _MONOMIALS if len(m) <= l_max)
+        monos = [m for m in _MONOMIALS if len(m) <= l_max]
+        for d in range(2, l_max + 1):  # monomial of degree d = one of degree d − 1 times a coordinate
+            shorter = [m for m in monos if len(m) == d - 1]
+            pairs = [(shorter.index(m[:-1]), m[-1]) for m in monos if len(m) == d]
+            self.register_buffer(f"prev{d}", torch.tensor([a for a, _ in pairs]), persistent=False)
+            self.register_buffer(f"coord{d}", torch.tensor([b for _, b in pairs]), persistent=False)
+        # E : Y^l = E : u^⊗l = Σ_m u^m × (orderings of m) × E[m], E being symmetric
         width = sum(2 * l_ + 1 for l_ in range(1, l_max + 1))
-        proj = torch.zeros(sum(WIDTHS[1:l_max + 1]), width, dtype=torch.float64)
-        r = c = 0
-        for l_ in range(1, l_max + 1):  # block-diagonal over orders
-            proj[r:r + WIDTHS[l_], c:c + 2 * l_ + 1] = traceless_basis(l_).reshape(2 * l_ + 1, -1).t()
-            r, c = r + WIDTHS[l_], c + 2 * l_ + 1
-        # E : Y^l is homogeneous of degree l: fitted on the degree-l monomials alone (exactly,
-        # as the check shows), at fixed directions
-        u = torch.randn(4 * n_mono, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        u = u / u.norm(dim=1, keepdim=True)
-        mono = _monomials(u.t(), l_max).t()
-        target = cartesian_harmonics(u, l_max)[:, 1:] @ proj
-        degree = torch.tensor([len(m) for m in _MONOMIALS[:n_mono]])
-        coef = torch.zeros(n_mono, width, dtype=torch.float64)
+        coef = torch.zeros(len(monos) - 1, width, dtype=torch.float64)
         c = 0
         for l_ in range(1, l_max + 1):
-            rows = degree == l_
-            coef[rows, c:c + 2 * l_ + 1] = torch.linalg.lstsq(mono[:, rows], target[:, c:c + 2 * l_ + 1]).solution
+            basis = traceless_basis(l_)
+            for i, m in enumerate(monos[1:]):
+                if len(m) == l_:
+                    orderings = math.factorial(l_) // math.prod(math.factorial(m.count(d)) for d in set(m))
+                    coef[i, c:c + 2 * l_ + 1] = orderings * basis[(slice(None), *m)]
             c += 2 * l_ + 1
-        if (mono @ coef - target).abs().max() > 1e-12:
-            raise RuntimeError("compact harmonics are not a linear map of the monomials")
-        coef[coef.abs() < 1e-13] = 0.0
-        self._constant("proj", proj)  # Cartesian harmonics (after Y^0) -> compact coordinates
-        self._constant("coef", coef)  # (n_mono, W)
-        # ∂(monomial m)/∂u_d = n_md × (monomial m without one factor d): (3, n_low, W) after the map
-        low = [m for m in _MONOMIALS if len(m) < l_max]
-        deriv = torch.zeros(3, len(low), n_mono, dtype=torch.float64)
-        for i, m in enumerate(_MONOMIALS[:n_mono]):
+        u = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        target = cartesian_harmonics(u, l_max)[:, 1:] @ harmonics_projection(l_max)
+        if (self.monomials(u.t(), l_max)[1:].t() @ coef - target).abs().max() > 1e-12:
+            raise RuntimeError("compact harmonics are not E : u^⊗l")  # a guard on the identity above
+        self._constant("coef", coef)  # (monomials of degree 1..l_max, W)
+        # ∂(monomial m)/∂u_d = (power of u_d in m) × (m without one factor u_d), a monomial of
+        # degree 0..l_max − 1: (3 · n_low, W) after the map
+        low = [m for m in monos if len(m) < l_max]
+        deriv = torch.zeros(3, len(low), len(monos) - 1, dtype=torch.float64)
+        for i, m in enumerate(monos[1:]):
             for d in set(m):
                 rest = list(m)
                 rest.remove(d)
@@ -151,17 +148,26 @@ class CompactHarmonics(_Constants):
         self._constant("dcoef", (deriv @ coef).reshape(3 * len(low), width))
         self.n_low = len(low)
 
+    def monomials(self, u: torch.Tensor, degree: int) -> torch.Tensor:
+        """u (3, P)  ->  the monomials of degree 0..degree (≤ l_max), (n, P), in `_MONOMIALS`
+        order; coordinate-major, one row product per monomial."""
+        rows = [torch.ones_like(u[:1]), u]
+        for d in range(2, degree + 1):
+            rows.append(rows[-1].index_select(0, getattr(self, f"prev{d}"))
+                        * u.index_select(0, getattr(self, f"coord{d}")))
+        return torch.cat(rows[: degree + 1], dim=0)
+
     def forward(self, geom) -> tuple[torch.Tensor, torch.Tensor]:
         k = geom.max_neighbors
         u = geom.pad(geom.vec / geom.r.unsqueeze(1))
-        # the degree-0 monomial gives nothing (coefficient row 0 is zero), and pad slots (u = 0) stay 0
-        y = _monomials(u.t(), self.l_max).t() @ self.coef.to(u.dtype)
+        y = self.monomials(u.t(), self.l_max)[1:].t() @ self.coef.to(u.dtype)
         return u, y.view(u.shape[0] // k, k, -1)
 
     def gradient(self, u: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        low = _monomials(u.t(), self.l_max - 1)  # (n_low, P)
+        low = self.monomials(u.t(), self.l_max - 1)  # (n_low, P)
         h = (self.dcoef.to(grad.dtype) @ grad.t()).view(3, self.n_low, -1)
         return (h * low[None]).sum(1).t()
+
 
 def _output_bases() -> dict[str, torch.Tensor]:
     """Orthonormal bases (m, 3[, 3]) of the spaces the bilinear intermediates live in, float64."""
@@ -176,7 +182,7 @@ class CompactInvariants(_Constants):
     order 1..l_max given in compact coordinates.
 
     `forward` maps compact tensors x (Σ (2l + 1), R) (the basis of `CompactHarmonics`) to invariants (I, R);
-    `backward(x, g)` gives Σ_k g_k ∂inv_k/∂x (Σ (2l + 1), R). Coordinates come first and the
+    `backward(z, g)`, z = expand(x), gives Σ_k g_k ∂inv_k/∂x (Σ (2l + 1), R). Coordinates come first and the
     R = atoms × channels columns last, so that every product runs over long contiguous rows.
     Every block is in an orthonormal basis, so each contraction is a plain dot product; a block
     is kept only in the subspace its partners can see (vv is dotted with the traceless T·v only,

@@ -111,26 +111,3 @@ def invariants(tensors: list[torch.Tensor], names: list[str]) -> torch.Tensor:
         "e.e": lambda: e().square().sum(1),
     }
     return torch.stack([f[k]() for k in names], dim=1)
-
-
-def harmonics_gradient(u: torch.Tensor, grad: torch.Tensor, l_max: int) -> torch.Tensor:
-    """Σ_l ∂(grad_l · Y^l)/∂u for u of unit length, up to components along u (which the
-    derivative of u = r/|r| removes anyway).
-
-    u: (P, 3); grad: (P, Σ_{1≤l≤l_max} 3^l), the gradient with respect to `cartesian_harmonics`'
-    columns after the first  ->  (P, 3).
-    """
-    p = u.shape[0]
-    out = grad[:, :3].clone()
-    if l_max >= 2:
-        g2 = grad[:, 3:12].view(p, 3, 3)
-        out = out + ((g2 + g2.transpose(1, 2)) * u[:, None]).sum(2)
-    if l_max >= 3:
-        g3 = grad[:, 12:39].view(p, 3, 3, 3)
-        uu = u[:, :, None] * u[:, None]
-        out = (out + (g3 * uu[:, None]).sum((2, 3)) + (g3 * uu[:, :, None]).sum((1, 3))
-               + (g3 * uu[:, :, :, None]).sum((1, 2)))
-        trace = (g3.diagonal(dim1=2, dim2=3).sum(-1) + g3.diagonal(dim1=1, dim2=3).sum(-1)
-                 + g3.diagonal(dim1=1, dim2=2).sum(-1))
-        out = out - trace * ((u * u).sum(1, keepdim=True) / 5)
-    return out
