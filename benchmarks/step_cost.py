@@ -43,7 +43,8 @@ def measure(molecule: str, batch_size: int, repeats: int, data_dir: Path) -> dic
     train_f, _ = common.rmd17_files(data_dir, molecule)
     ds = read(train_f, fidelity=common.FIDELITY)
     ds = ds[list(range(batch_size))]
-    packed = PackedData(ds, 5.0, [common.FIDELITY], dtype=torch.float32)
+    cutoff = max(cfg["cutoff"] for cfg in MODELS.values())
+    packed = PackedData(ds, cutoff, [common.FIDELITY], dtype=torch.float32)
     batch = packed.batch(list(range(batch_size)))
     models = {}
     for name, cfg in MODELS.items():

@@ -27,9 +27,10 @@ class TensorEnvironment(Interaction):
             raise ValueError(f"l_max must be 1, 2 or 3, not {l_max}")
         self.l_max = l_max
 
-    def tensors(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor) -> list[torch.Tensor]:
+    def tensors(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """[v (N, 3, A), Q (N, 3, 3, A), T (N, 3, 3, 3, A)] up to l_max, A = n_out; s: (N·K, n_sens)
-        sensitivities in the padded layout."""
+        sensitivities and y: (N, K, Σ_{1≤l≤l_max} 3^l) harmonics (`HIPNNTS.shared_pair_terms`),
+        both in the padded layout."""
         # V first: m_jνa = Σ_b V^ν_ab z_jb per atom, then per pair Σ_ν s_ν m_jνa, then Σ_j Y^l:
         # far fewer operations than contracting an (N, n_in, n_sens, 3^l) environment with V.
         # The (N·K, n_sens, A) pair messages and their second derivatives dominate the cost
@@ -37,13 +38,13 @@ class TensorEnvironment(Interaction):
         n, k = z.shape[0], geom.max_neighbors
         msg = (z @ self.weight.view(self.n_in, -1)).view(n, self.n_sens * self.n_out)
         h = bmm(s.unsqueeze(1), geom.neighbor_features(msg).view(n * k, self.n_sens, self.n_out))  # (N·K, 1, A)
-        return self.moments(geom, h.view(n, k, self.n_out))
+        return self.moments(h.view(n, k, self.n_out), y)
 
-    def moments(self, geom: PairGeometry, h: torch.Tensor) -> list[torch.Tensor]:
-        """Σ_j h_ija Y^l(r̂_ij) for l = 1..l_max; h: (N, K, A) pair messages in the padded layout."""
+    def moments(self, h: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """Σ_j h_ija Y^l(r̂_ij) for l = 1..l_max; h: (N, K, A) pair messages, y: (N, K, M − 1)
+        harmonics, both in the padded layout."""
         n, k, a = h.shape
-        y = cartesian_harmonics(geom.pad(geom.vec / geom.r.unsqueeze(1)), self.l_max)[:, 1:]  # (N·K, M − 1)
-        higher = bmm(y.view(n, k, -1).transpose(1, 2), h)  # (N, M − 1, A)
+        higher = bmm(y.transpose(1, 2), h)  # (N, M − 1, A)
         return split_orders(torch.cat([higher.new_zeros(n, 1, a), higher], 1), self.l_max)[1:]
 
     def scalar_term(self, z: torch.Tensor, geom: PairGeometry, s: torch.Tensor) -> torch.Tensor:
@@ -65,10 +66,11 @@ class TensorSensitivityInteraction(TensorEnvironment):
         self.eps = eps
         self.coef = nn.Parameter(torch.full((self.l_max, n_out), 0.5))
 
-    def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, geom: PairGeometry, inv_r: torch.Tensor, cut: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
         s = self.sensitivity(inv_r, cut)
         out = self.scalar_term(z, geom, s)
-        for l_, part in enumerate(self.tensors(z, geom, s), start=1):
+        for l_, part in enumerate(self.tensors(z, geom, s, y), start=1):
             sq = part.square().flatten(1, -2).sum(1)  # (N, A)
             out = out + self.coef[l_ - 1] * soft_norm(sq, self.eps)
         return out
@@ -84,6 +86,11 @@ class HIPNNTS(HIPNN):
     def make_interaction(self, n_in, n_out, n_sens, soft_min, soft_max, cutoff) -> nn.Module:
         return TensorSensitivityInteraction(n_in, n_out, n_sens, soft_min, soft_max, cutoff, self.l_max,
                                             self.tensor_eps)
+
+    def shared_pair_terms(self, geom: PairGeometry) -> tuple[torch.Tensor, ...]:
+        k = geom.max_neighbors
+        y = cartesian_harmonics(geom.directions(), self.l_max)[:, 1:]  # once for all layers
+        return (y.view(y.shape[0] // k, k, -1),)
 
     @property
     def has_explicit_gradient(self) -> bool:

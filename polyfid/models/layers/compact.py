@@ -159,7 +159,7 @@ class CompactHarmonics(_Constants):
 
     def forward(self, geom) -> tuple[torch.Tensor, torch.Tensor]:
         k = geom.max_neighbors
-        u = geom.pad(geom.vec / geom.r.unsqueeze(1))
+        u = geom.directions()
         y = self.monomials(u.t(), self.l_max)[1:].t() @ self.coef.to(u.dtype)
         return u, y.view(u.shape[0] // k, k, -1)
 

@@ -87,6 +87,10 @@ class PairGeometry(NamedTuple):
             return x
         return x.new_zeros((self.nbr_j.shape[0],) + x.shape[1:]).index_copy(0, self.slot, x)
 
+    def directions(self) -> torch.Tensor:
+        """Unit pair vectors r̂ (N·K, 3) in the flat padded layout, zeros in pad slots."""
+        return self.pad(self.vec / self.r.unsqueeze(1))
+
     def neighbor_features(self, features: torch.Tensor) -> torch.Tensor:
         """features (N, n_f) of the neighbour in each slot  ->  (N, K, n_f)."""
         k = self.max_neighbors
