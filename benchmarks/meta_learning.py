@@ -15,6 +15,10 @@ validate), each method fine-tunes with the same defaults (`polyfid.train.finetun
   scratch     a new network trained on the k frames alone
   multi_head  from pooled multi-head pre-training on every task at once
   reptile     from Reptile pre-training over the tasks
+  multi_head_replay, reptile_replay
+              the same two models fine-tuned with replay: every pre-training task's frames keep
+              training their own heads alongside (half the draws), so the backbone goes on
+              serving them instead of fitting k frames alone (at k in --replay-ks)
 The two pre-trained models of a case get the same wall-clock budget, are trained once,
 cached in the work folder and timed separately from the fine-tuning runs. Jobs run as
 1-thread processes, --jobs at a time; finished jobs are kept, so a rerun only does the rest.
@@ -42,6 +46,10 @@ import meta_data  # noqa: E402
 
 CASES = ["ethanol_levels", "molecules_levels"]
 METHODS = ["scratch", "multi_head", "reptile"]
+#: the pre-trained methods fine-tuned with replay of their pre-training tasks (`finetune(replay=...)`)
+REPLAY_METHODS = ["multi_head_replay", "reptile_replay"]
+ALL_METHODS = METHODS + REPLAY_METHODS
+REPLAY_KS = [10, 50, 250]
 KS = [10, 25, 50, 100, 250]
 MODEL = {"architecture": "hipnn", "n_features": 64, "n_sensitivities": 16, "n_interactions": 2,
          "n_atom_layers": 2, "cutoff": 5.0}
@@ -51,6 +59,7 @@ PRETRAIN = {"batch_size": 32, "lr": 1e-3, "scheduler": "cosine", "min_lr": 1e-5,
 META = {"inner_steps": 8, "inner_lr": 1e-3, "inner_optimizer": "adam", "outer_lr": 1.0, "outer_lr_final": 0.1,
         "tasks_per_step": 1, "eval_every": 25, "outer_steps": 10**7}
 FINETUNE = {"warmup_steps": 200, "head_init": "best", "trainable": "all", "val_fraction": 0.2}
+REPLAY_SHARE = 0.5  # share of the fine-tuning draws from the pre-training tasks (replay methods)
 
 _CASES: dict[str, Any] = {}  # case data, loaded once in the parent and inherited by forked workers
 
@@ -146,7 +155,9 @@ def finetune_job(case: str, level: str, k: int, method: str, seed: int, args) ->
         model.fit_reference_energies(PackedData(ft, model.cutoff, [level], dtype=torch.float32))
         opts["warmup_steps"] = 0
     else:
-        model = Path(pretrain_dir(args, case, method)) / "model.pt"
+        model = Path(pretrain_dir(args, case, method.removesuffix("_replay"))) / "model.pt"
+        if method in REPLAY_METHODS:
+            opts |= {"replay": load_case(case, args).tasks, "replay_share": REPLAY_SHARE}
     t0 = time.perf_counter()
     res = finetune(model, ft, out, fidelity=level, **opts)
     wall = time.perf_counter() - t0
@@ -169,13 +180,14 @@ def run_all(args) -> None:
     for c in cases:  # loaded in the parent: forked workers share it
         load_case(c, args)
     jobs = [(c, lv, k, m, s) for c in cases for lv in _CASES[c].held_out for k in args.ks for m in args.methods
-            for s in range(args.seeds)]
+            for s in range(args.seeds) if m not in REPLAY_METHODS or k in args.replay_ks]
     todo = [j for j in jobs if not job_path(args, *j).exists()]
     print(f"{len(todo)} fine-tuning jobs to run ({len(jobs) - len(todo)} done before)", flush=True)
     import multiprocessing as mp
 
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork"), initializer=_worker_init) as ex:
-        pre = {(c, m): ex.submit(pretrain, c, m, args) for c in cases for m in args.methods if m != "scratch"}
+        bases = dict.fromkeys(m.removesuffix("_replay") for m in args.methods if m != "scratch")
+        pre = {(c, m): ex.submit(pretrain, c, m, args) for c in cases for m in bases}
         futs = [ex.submit(finetune_job, *j, args) for j in todo if j[3] == "scratch"]
         for (c, m), f in pre.items():
             info = f.result()
@@ -202,7 +214,7 @@ def aggregate(args) -> dict[str, Any]:
         res: dict[str, Any] = {}
         for k in sorted({f["k"] for f in frags if f["case"] == c}):
             res[str(k)] = {}
-            for m in METHODS:
+            for m in ALL_METHODS:
                 fs = [f for f in frags if f["case"] == c and f["k"] == k and f["method"] == m]
                 if not fs:
                     continue
@@ -258,6 +270,12 @@ def checks(result: dict[str, Any], k: int = 50) -> dict[str, Any]:
                                                            mh["scans"][n]["energy_mae_meV"]) for n in r["scans"])
                 item["no_more_extrema_than_reference"] = all(
                     r["scans"][n]["model_extrema"] <= r["scans"][n]["reference_extrema"] for n in r["scans"])
+            if "reptile_replay" in row and "multi_head_replay" in row:
+                rr = row["reptile_replay"]["levels"][lv]["force_mae_meV_A"]
+                item |= {"reptile_replay_over_scratch_force": rr / s["force_mae_meV_A"],
+                         "reptile_replay_le_half_scratch": rr <= 0.5 * s["force_mae_meV_A"],
+                         "reptile_replay_le_multi_head_replay":
+                             rr <= row["multi_head_replay"]["levels"][lv]["force_mae_meV_A"]}
             out[f"{c}/{lv}"] = item
     return out
 
@@ -275,11 +293,11 @@ def plot(result: dict[str, Any], args, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     for ax, (c, lv) in zip(axes[0], panels):
-        for m in METHODS:
+        for m in ALL_METHODS:
             ks = [int(k) for k in result[c] if k.isdigit() and m in result[c][k] and lv in result[c][k][m]["levels"]]
             ys = [result[c][str(k)][m]["levels"][lv]["force_mae_meV_A"] for k in ks]
             if ks:
-                ax.plot(ks, ys, "o-", label=m)
+                ax.plot(ks, ys, "o--" if m in REPLAY_METHODS else "o-", label=m)
         ax.set(xscale="log", yscale="log", xlabel="fine-tuning frames k", ylabel="test force MAE (meV/Å)",
                title=f"{c}: {lv}")
         ax.legend()
@@ -332,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; --quick: "
                    "the work folder)")
     p.add_argument("--ks", type=int, nargs="+", default=None, help="fine-tuning set sizes (default 10 25 50 100 250)")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
+    p.add_argument("--replay-ks", type=int, nargs="+", default=None,
+                   help=f"k of the replay methods (default {' '.join(map(str, REPLAY_KS))}; quick: 10 50)")
     p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds (subset draw and initialisation)")
     p.add_argument("--pretrain-s", type=float, default=None, help="wall-clock budget of each pre-training "
                    "(default 480 s; quick 20 s)")
@@ -342,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="k in {10, 50}, short budgets, small test sets")
     args = p.parse_args(argv)
     args.ks = args.ks or ([10, 50] if args.quick else KS)
+    args.replay_ks = args.replay_ks or ([10, 50] if args.quick else REPLAY_KS)
     args.pretrain_s = args.pretrain_s or (20.0 if args.quick else 480.0)
     args.finetune_steps = args.finetune_steps or (60 if args.quick else 1000)
     stem = "meta_learning_quick" if args.quick else "meta_learning"
@@ -359,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     update = {"device": "cpu", **result, "checks": checks(result),
               "protocol": {"model": MODEL, "pretraining": PRETRAIN | {"max_time_s": args.pretrain_s}, "meta": META,
                            "finetune": FINETUNE | {"steps": args.finetune_steps}, "ks": args.ks, "seeds": args.seeds,
+                           "replay": {"methods": REPLAY_METHODS, "share": REPLAY_SHARE, "ks": args.replay_ks,
+                                      "frames": "every pre-training task's frames, all of them"},
                            "jobs": args.jobs, "threads_per_job": 1, "quick": args.quick},
               "machine": common.machine_info("cpu")}
     if args.phase == "all":

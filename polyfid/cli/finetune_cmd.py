@@ -28,6 +28,13 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
+    p.add_argument("--replay", action="append", default=[], metavar="FILE[=LEVEL]",
+                   help="data at a level the model has (e.g. its pre-training data) trained alongside; "
+                        "=LEVEL names the head of a single-level file (default: the file's label-set names). "
+                        "Repeatable")
+    p.add_argument("--replay-share", type=float, default=0.5, help="share of the draws from --replay (default 0.5)")
+    p.add_argument("--anchor", type=float, default=0.0,
+                   help="weight of the L2 pull of the backbone towards the loaded weights (default 0)")
     p.set_defaults(func=run)
 
 
@@ -39,6 +46,22 @@ def _read(path: str, args, level: str):
         raise KeyError(f"{path}: label sets {ds.fidelities}; choose one with --fidelity")
     ds.rename_fidelity(ds.fidelities[0], level)
     return ds
+
+
+def _replay(specs: list[str], args):
+    """The --replay files, each single-level file's labels named by its =LEVEL."""
+    from polyfid.data.readers import read
+
+    parts = []
+    for spec in specs:
+        path, _, level = spec.partition("=")
+        ds = read(path, format=args.format)
+        if level:
+            if len(ds.fidelities) != 1:
+                raise KeyError(f"{path}: label sets {ds.fidelities}; =LEVEL names a file with one label set")
+            ds.rename_fidelity(ds.fidelities[0], level)
+        parts.append(ds)
+    return sum(parts[1:], parts[0]) if parts else None
 
 
 def run(args) -> int:
@@ -59,7 +82,8 @@ def run(args) -> int:
     training = {"lr": args.lr} | ({"max_time_s": args.max_time_s} if args.max_time_s else {})
     res = finetune(args.model, train, args.out, val_ds=val, fidelity=level, head_init=args.head_init,
                    trainable=args.trainable, warmup_steps=args.warmup_steps, steps=args.steps,
-                   val_fraction=args.val_fraction, seed=args.seed, resume=args.resume, **training)
+                   val_fraction=args.val_fraction, seed=args.seed, resume=args.resume,
+                   replay=_replay(args.replay, args), replay_share=args.replay_share, anchor=args.anchor, **training)
     summary = finetune_summary(res)
     if args.test:
         summary["test"] = public(evaluate(res.model, _read(args.test, args, level)))

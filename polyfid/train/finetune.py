@@ -12,6 +12,7 @@ is frozen for a warm-up. Defaults are a step budget, not an epoch count, so that
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,9 @@ def finetune(
     trainable: str = "all",
     warmup_steps: int = 200,
     steps: int = 1500,
+    anchor: float = 0.0,
+    replay: Dataset | None = None,
+    replay_share: float = 0.5,
     val_fraction: float = 0.2,
     seed: int = 0,
     resume: bool = False,
@@ -172,6 +176,12 @@ def finetune(
     A level the model lacks gets a new head (`add_head`, `head_init`); a level it has goes
     on training its head. trainable: all, last (last interaction block and the heads) or head.
     warmup_steps: steps with the backbone frozen before it is trained too (0: none).
+    anchor: weight λ of λ·Σ(θ − θ₀)² over the backbone's parameters θ (θ₀: as loaded), in
+    units of the loss; pulls a few-frame fine-tune towards the pre-trained network (L2-SP).
+    replay: frames labelled at levels the model already has (e.g. its pre-training data). They
+    go on training their own heads alongside the new one, so the backbone keeps serving them
+    rather than fitting a few frames alone; `replay_share` is their share of the draws. With
+    replay the other heads are trained, not kept as they were.
     Without `val_ds`, a `val_fraction` of the frames (at least one) is held out for
     validation and early stopping. `training`: TrainingConfig overrides (lr, max_time_s, …)."""
     out = Path(out)
@@ -200,6 +210,8 @@ def finetune(
         torch.manual_seed(seed)
         net, head = add_head(source, train_ds, fidelity, head_init)
     keep = _frozen_heads(net, fidelity)
+    if replay is not None:
+        train_ds, training = _with_replay(net, train_ds, replay, fidelity, replay_share, training)
     model_cfg = dict(net.model_config)
     meta = {"strategy": "finetune", "target": fidelity, "source_head": head, "trainable": trainable}
     output = OutputConfig(progress=progress, tensorboard=False, plots=False)
@@ -215,12 +227,42 @@ def finetune(
         p.requires_grad_(True)
     _freeze(net, trainable)
     net, stages["finetune"] = _stage(net, train_ds, val_ds, tc, out / "finetune", model_cfg, output, resume,
-                                     fit_references=False, metadata=meta)
-    _restore_heads(net, keep)
+                                     fit_references=False, regularizer=anchor_penalty(net, anchor), metadata=meta)
+    if replay is None:
+        _restore_heads(net, keep)
     net.model_config = model_cfg
     atomic_write(model_dict(net, model_cfg, meta), out / BEST_MODEL)
     best = load_model(out / BEST_MODEL, dtype=dtype, device=device)
     return FinetuneResult(best, out / BEST_MODEL, fidelity, head, stages)
+
+
+def _with_replay(model: Potential, train_ds: Dataset, replay: Dataset, fidelity: str, share: float,
+                 training: dict[str, Any]) -> tuple[Dataset, dict[str, Any]]:
+    """The fine-tuning frames plus the replay frames' labels at the model's other levels, and
+    training options whose sampling gives the replay frames `share` of the draws."""
+    if not 0 < share < 1:
+        raise ConfigError(f"replay_share: expected a share in (0, 1), got {share!r}")
+    old = [f for f in model.fidelities if f != fidelity]
+    rep = restrict(replay, old)
+    if not len(rep):
+        raise DataError(f"the replay frames have no labels at the model's levels {old} "
+                        f"(they have {replay.fidelities})")
+    missing = set(rep.elements) - set(model.species)
+    if missing:
+        raise DataError(f"the replay frames contain elements {sorted(missing)} the model does not know")
+    return train_ds + rep, training | {"sampling": {fidelity: 1.0 - share}}
+
+
+def anchor_penalty(model: Potential, weight: float) -> Callable[[], torch.Tensor] | None:
+    """λ·Σ(θ − θ₀)² over the trainable backbone parameters, θ₀ their values now (None if λ = 0)."""
+    if weight <= 0:
+        return None
+    pairs = [(p, p.detach().clone()) for p in model.representation.parameters() if p.requires_grad]
+
+    def penalty() -> torch.Tensor:
+        return weight * sum(((p - p0) ** 2).sum() for p, p0 in pairs)
+
+    return penalty
 
 
 def _only_fidelity(ds: Dataset) -> str:

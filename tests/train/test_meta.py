@@ -219,8 +219,62 @@ def test_meta_train_and_finetune_commands(tmp_path):
 
     summary = json.loads((out / "results.json").read_text())
     assert summary["fidelity"] == "new" and "force_mae_meV_A" in summary["test"]["new"]
+    out2 = tmp_path / "ft_replay"
+    assert main(["finetune", str(tmp_path / "meta" / "model.pt"), str(tmp_path / "new.extxyz"), "--out", str(out2),
+                 "--steps", "4", "--warmup-steps", "0", "--replay", f"{tmp_path / 'a.extxyz'}=a",
+                 "--replay", f"{tmp_path / 'b.extxyz'}=b", "--anchor", "0.1", "--threads", "1"]) == 0
+    assert "train_forces_b" in (out2 / "finetune" / "metrics.csv").read_text().splitlines()[0]
     assert main(["finetune", str(out / "model.pt"), str(tmp_path / "new.extxyz"), "--level", "zzz",
                  "--head-init", "nope", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_finetune_with_replay_trains_the_old_heads_alongside(tmp_path, saved_model):
+    import csv
+
+    from polyfid.data.errors import DataError
+    from polyfid.train.config import ConfigError
+
+    source = load_model(saved_model)
+    new_data = scaled(toy_dataset(12, seed=5), "c", 1.5, 0.7)
+    res = finetune(saved_model, new_data, tmp_path / "ft", steps=12, warmup_steps=0, replay=two_tasks(8),
+                   num_threads=1)
+    m = res.model
+    assert m.fidelities == ["a", "b", "c"]
+    rows = list(csv.DictReader((tmp_path / "ft" / "finetune" / "metrics.csv").open()))
+    for level in "abc":  # every level had frames drawn and its own loss term
+        assert any(float(r.get(f"train_forces_{level}") or 0) > 0 for r in rows), level
+    assert not any(k.startswith("val_a") or k.startswith("val_b") for k in rows[0])  # validation: the new level
+    # the old heads were trained, not restored
+    assert not torch.equal(m.readout.weight[:2], source.readout.weight)
+    with pytest.raises(DataError, match=r"no labels at the model's levels \['a', 'b'\]"):
+        finetune(saved_model, new_data, tmp_path / "x", steps=2, replay=scaled(toy_dataset(4), "zz", 1.0))
+    with pytest.raises(ConfigError, match="replay_share"):
+        finetune(saved_model, new_data, tmp_path / "y", steps=2, replay=two_tasks(4), replay_share=1.0)
+
+
+def test_anchor_pulls_the_backbone_towards_the_loaded_weights(tmp_path, saved_model):
+    from polyfid.train.finetune import anchor_penalty
+
+    model = load_model(saved_model)
+    assert anchor_penalty(model, 0.0) is None
+    pen = anchor_penalty(model, 0.5)
+    assert float(pen().detach()) == 0.0
+    p = next(model.representation.parameters())
+    with torch.no_grad():
+        p.add_(0.1)
+    pen().backward()
+    assert torch.allclose(p.grad, torch.full_like(p, 2 * 0.5 * 0.1), atol=1e-6)  # d/dθ λ(θ − θ₀)² = 2λ(θ − θ₀)
+
+    source = load_model(saved_model)
+    new_data = scaled(toy_dataset(12, seed=5), "c", 1.5, 0.7)
+
+    def moved(anchor: float) -> float:
+        res = finetune(saved_model, new_data, tmp_path / f"a{anchor}", steps=30, warmup_steps=0, anchor=anchor,
+                       val_fraction=0.0, num_threads=1)
+        return sum(float((q - q0).detach().square().sum()) for q, q0 in zip(res.model.representation.parameters(),
+                                                                   source.representation.parameters()))
+
+    assert moved(1e4) < 0.1 * moved(0.0)
 
 
 def test_finetune_rejects_unknown_elements(tmp_path, saved_model):
