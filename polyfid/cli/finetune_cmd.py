@@ -49,17 +49,21 @@ def _read(path: str, args, level: str):
 
 
 def _replay(specs: list[str], args):
-    """The --replay files, each single-level file's labels named by its =LEVEL."""
+    """The --replay files: FILE=LEVEL names a single-level file's labels; a file without =LEVEL
+    keeps its label-set names, a single "default" set taking the file's stem (as DATA does)."""
     from polyfid.data.readers import read
 
     parts = []
     for spec in specs:
-        path, _, level = spec.partition("=")
+        path, level = (spec, "") if Path(spec).exists() else spec.rpartition("=")[::2]
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--replay {spec}: no file {path!r}")
         ds = read(path, format=args.format)
-        if level:
-            if len(ds.fidelities) != 1:
-                raise KeyError(f"{path}: label sets {ds.fidelities}; =LEVEL names a file with one label set")
-            ds.rename_fidelity(ds.fidelities[0], level)
+        if len(ds.fidelities) == 1 and (level or ds.fidelities[0] == "default"):
+            ds.rename_fidelity(ds.fidelities[0], level or Path(path).stem)
+        elif level:
+            raise KeyError(f"--replay {spec}: the file has label sets {ds.fidelities}; =LEVEL names a file "
+                           "with one label set")
         parts.append(ds)
     return sum(parts[1:], parts[0]) if parts else None
 

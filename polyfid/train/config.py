@@ -110,6 +110,10 @@ class TrainingConfig:
         {}, "share of training draws per fidelity, e.g. {mp2: 0.5}: half of each epoch's frames are drawn "
         "(with replacement) from frames labelled at mp2; unnamed fidelities share the rest by frame count"
     )
+    epoch_frames: int | None = opt(
+        None, "frames drawn per epoch when sampling is set (null: the number of training frames); sets how "
+        "often validation runs when a small named set is mixed with a large one"
+    )
     grad_clip: float | None = opt(100.0, "clip the gradient norm to this value (null: no clipping)")
     ema_decay: float | None = opt(0.99, "exponential moving average of weights used for evaluation (null: off)")
     dtype: Literal["float32", "float64"] = opt("float32", "floating point precision")
@@ -301,6 +305,9 @@ def _validate(obj: Any, where: str) -> None:
         for fid, v in obj.sampling.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
                 raise ConfigError(f"{where}.sampling.{fid}: expected a share in (0, 1], got {v!r}")
+        if obj.epoch_frames is not None and (isinstance(obj.epoch_frames, bool)
+                                             or not isinstance(obj.epoch_frames, int) or obj.epoch_frames < 1):
+            raise ConfigError(f"{where}.epoch_frames: expected a whole number >= 1 or null, got {obj.epoch_frames!r}")
         if sum(obj.sampling.values()) > 1 + 1e-9:
             raise ConfigError(f"{where}.sampling: the shares add up to {sum(obj.sampling.values())}, more than 1")
     if isinstance(obj, StrategyConfig):

@@ -181,14 +181,18 @@ def finetune(
     replay: frames labelled at levels the model already has (e.g. its pre-training data). They
     go on training their own heads alongside the new one, so the backbone keeps serving them
     rather than fitting a few frames alone; `replay_share` is their share of the draws. With
-    replay the other heads are trained, not kept as they were.
+    replay the heads of the replay levels are trained, not kept as they were; the replay
+    frames' levels must all be heads of the model.
     Without `val_ds`, a `val_fraction` of the frames (at least one) is held out for
     validation and early stopping. `training`: TrainingConfig overrides (lr, max_time_s, …)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[str(training.get("dtype", "float32"))]
     device = str(training.get("device", "cpu"))
-    source = load_model(model, dtype=dtype, device=device) if isinstance(model, (str, Path)) else model
+    if isinstance(model, (str, Path)):
+        source = load_model(model, dtype=dtype, device=device)
+    else:  # where training will run, before anything (the anchor's θ₀) copies its parameters
+        source = model.to(dtype=dtype, device=device)
     fidelity = fidelity or _only_fidelity(train_ds)
     train_ds = restrict(train_ds, [fidelity])
     if not len(train_ds):
@@ -209,16 +213,19 @@ def finetune(
     else:
         torch.manual_seed(seed)
         net, head = add_head(source, train_ds, fidelity, head_init)
-    keep = _frozen_heads(net, fidelity)
+    trained = [fidelity]
     if replay is not None:
         train_ds, training = _with_replay(net, train_ds, replay, fidelity, replay_share, training)
+        trained += list(replay.fidelities)
+    keep = _frozen_heads(net, trained)
     model_cfg = dict(net.model_config)
     meta = {"strategy": "finetune", "target": fidelity, "source_head": head, "trainable": trainable}
     output = OutputConfig(progress=progress, tensorboard=False, plots=False)
     stages: dict[str, TrainState] = {}
-    tc = finetune_training(len(train_ds), steps, seed=seed, **training)
+    n_epoch = int(training.get("epoch_frames") or len(train_ds))
+    tc = finetune_training(n_epoch, steps, seed=seed, **training)
     if warmup_steps > 0 and trainable != "head":
-        tw = finetune_training(len(train_ds), warmup_steps, seed=seed, **(training | {"early_stopping_patience": None}))
+        tw = finetune_training(n_epoch, warmup_steps, seed=seed, **(training | {"early_stopping_patience": None}))
         _freeze(net, "head")
         net, stages["warmup"] = _stage(net, train_ds, val_ds, tw, out / "warmup", model_cfg, output, resume,
                                        fit_references=False, metadata=meta)
@@ -228,8 +235,7 @@ def finetune(
     _freeze(net, trainable)
     net, stages["finetune"] = _stage(net, train_ds, val_ds, tc, out / "finetune", model_cfg, output, resume,
                                      fit_references=False, regularizer=anchor_penalty(net, anchor), metadata=meta)
-    if replay is None:
-        _restore_heads(net, keep)
+    _restore_heads(net, keep)
     net.model_config = model_cfg
     atomic_write(model_dict(net, model_cfg, meta), out / BEST_MODEL)
     best = load_model(out / BEST_MODEL, dtype=dtype, device=device)
@@ -238,19 +244,23 @@ def finetune(
 
 def _with_replay(model: Potential, train_ds: Dataset, replay: Dataset, fidelity: str, share: float,
                  training: dict[str, Any]) -> tuple[Dataset, dict[str, Any]]:
-    """The fine-tuning frames plus the replay frames' labels at the model's other levels, and
-    training options whose sampling gives the replay frames `share` of the draws."""
+    """The fine-tuning frames plus the replay frames, and training options whose sampling gives
+    the replay frames `share` of the draws. An epoch draws about len(train_ds) / (1 − share)
+    frames, so that steps, warm-up and validation keep the pace they have without replay."""
     if not 0 < share < 1:
         raise ConfigError(f"replay_share: expected a share in (0, 1), got {share!r}")
+    if training.get("sampling"):
+        raise ConfigError("replay sets the sampling shares itself: give replay_share, not training sampling")
     old = [f for f in model.fidelities if f != fidelity]
-    rep = restrict(replay, old)
-    if not len(rep):
-        raise DataError(f"the replay frames have no labels at the model's levels {old} "
-                        f"(they have {replay.fidelities})")
-    missing = set(rep.elements) - set(model.species)
+    unknown = [f for f in replay.fidelities if f not in old]
+    if unknown:
+        raise DataError(f"the replay frames have levels {unknown} that are not heads of the model "
+                        f"(replay trains existing heads: {old})")
+    missing = set(replay.elements) - set(model.species)
     if missing:
         raise DataError(f"the replay frames contain elements {sorted(missing)} the model does not know")
-    return train_ds + rep, training | {"sampling": {fidelity: 1.0 - share}}
+    epoch = max(math.ceil(round(len(train_ds) / (1.0 - share), 6)), len(train_ds) + 1)
+    return train_ds + replay, training | {"sampling": {fidelity: 1.0 - share}, "epoch_frames": epoch}
 
 
 def anchor_penalty(model: Potential, weight: float) -> Callable[[], torch.Tensor] | None:
@@ -271,10 +281,10 @@ def _only_fidelity(ds: Dataset) -> str:
     return ds.fidelities[0]
 
 
-def _frozen_heads(model: Potential, fidelity: str) -> dict[str, Any]:
-    """The other heads' parameters and buffers, to put back after training (weight decay or
-    EMA arithmetic must not move them by rounding)."""
-    rows = [h for h, f in enumerate(model.fidelities) if f != fidelity]
+def _frozen_heads(model: Potential, trained: list[str]) -> dict[str, Any]:
+    """The parameters and buffers of the heads not `trained`, to put back after training
+    (weight decay or EMA arithmetic must not move them by rounding)."""
+    rows = [h for h, f in enumerate(model.fidelities) if f not in trained]
     return {"rows": rows, "weight": model.readout.weight[rows].detach().clone(),
             "bias": model.readout.bias[rows].detach().clone(),
             "atom_ref": model.atom_ref[:, rows].clone(), "scale": model.energy_scale[rows].clone()}

@@ -53,15 +53,16 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def batch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None = None) -> np.ndarray:
+def batch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None = None,
+                size: int | None = None) -> np.ndarray:
     """Frame order of one epoch: a function of (seed, epoch) only, so resuming repeats it.
 
-    With `weights` (n,), n frames are drawn with replacement in proportion to them (the
-    sampling ratio between data sets); without, a permutation."""
+    With `weights` (n,), `size` (default n) frames are drawn with replacement in proportion to
+    them (the sampling ratio between data sets); without, a permutation of the n frames."""
     rng = np.random.default_rng([seed, epoch])
     if weights is None:
         return rng.permutation(n)
-    return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+    return rng.choice(n, size=size or n, replace=True, p=weights / weights.sum())
 
 
 def loss_weights(
@@ -187,7 +188,8 @@ class Trainer:
     def train_epoch(self, t_start: float, elapsed_start: float) -> dict[str, float]:
         """One pass over the training frames; returns mean loss terms."""
         self.model.train()
-        order = batch_order(self.train.n_frames, self.cfg.seed, self.state.epoch, self.frame_weights)
+        order = batch_order(self.train.n_frames, self.cfg.seed, self.state.epoch, self.frame_weights,
+                            self.cfg.epoch_frames)
         bs = self.cfg.batch_size
         n_steps = math.ceil(len(order) / bs)
         forces, stress = self._needs()

@@ -245,11 +245,34 @@ def test_finetune_with_replay_trains_the_old_heads_alongside(tmp_path, saved_mod
         assert any(float(r.get(f"train_forces_{level}") or 0) > 0 for r in rows), level
     assert not any(k.startswith("val_a") or k.startswith("val_b") for k in rows[0])  # validation: the new level
     # the old heads were trained, not restored
-    assert not torch.equal(m.readout.weight[:2], source.readout.weight)
-    with pytest.raises(DataError, match=r"no labels at the model's levels \['a', 'b'\]"):
+    assert not torch.equal(m.readout.weight[0], source.readout.weight[0])
+    assert not torch.equal(m.readout.weight[1], source.readout.weight[1])
+    with pytest.raises(DataError, match=r"levels \['zz'\] that are not heads of the model"):
         finetune(saved_model, new_data, tmp_path / "x", steps=2, replay=scaled(toy_dataset(4), "zz", 1.0))
     with pytest.raises(ConfigError, match="replay_share"):
         finetune(saved_model, new_data, tmp_path / "y", steps=2, replay=two_tasks(4), replay_share=1.0)
+
+
+def test_replay_share_and_epoch_length(tmp_path, saved_model):
+    from polyfid.train.finetune import _with_replay
+    from polyfid.train.strategies import frame_weights
+    from polyfid.train.trainer import batch_order
+
+    source = load_model(saved_model)
+    new_data = scaled(toy_dataset(10, seed=5), "c", 1.5, 0.7)
+    source_c, _ = add_head(source, new_data, "c")
+    ds, opts = _with_replay(source_c, new_data, two_tasks(30), "c", 0.8, {})
+    assert opts["epoch_frames"] == 50  # 10 new frames make 1 − 0.8 of an epoch's draws
+    w = frame_weights(ds, opts["sampling"])
+    assert np.isclose(w[:10].sum() / w.sum(), 0.2) and np.isclose(w[10:].sum() / w.sum(), 0.8)
+    order = batch_order(len(ds), 0, 0, w, opts["epoch_frames"])
+    assert len(order) == 50 and 0.05 < np.mean(order < 10) < 0.4
+
+    # only the replay's levels train: a head without replay frames is put back as it was
+    res = finetune(saved_model, new_data, tmp_path / "ft", steps=6, warmup_steps=0,
+                   replay=restrict(two_tasks(8), ["a"]), num_threads=1)
+    assert torch.equal(res.model.readout.weight[1], source.readout.weight[1])  # b: no replay frames
+    assert not torch.equal(res.model.readout.weight[0], source.readout.weight[0])  # a: trained
 
 
 def test_anchor_pulls_the_backbone_towards_the_loaded_weights(tmp_path, saved_model):
