@@ -2,12 +2,13 @@
 pools of meta_learning.py, k fine-tuning frames from the first (len(pool) − 200) pool frames and
 the last 200 pool frames to validate (ethanol B3LYP: the pool has 250 frames, so k ≤ 50).
 
-Each variant changes the fine-tuning options of meta_learning.py (`polyfid.train.finetune`,
-1000 steps) and uses its cached pre-trained models (run meta_learning.py first). Results are kept
+The methods are meta_learning.py's (its cached pre-trained models: run it first; the replay
+methods replay the pre-training tasks); each variant changes their fine-tuning options
+(`polyfid.train.finetune`, 1000 steps). Results are kept
 per job, so a rerun does only what is missing:
 
   .venv/bin/python benchmarks/finetune_settings.py --case ethanol_levels --level b3lyp \\
-      --methods reptile multi_head --variants base replay anchor_0.1 --k 50 --seeds 0 1
+      --methods reptile multi_head reptile_replay --variants base anchor_0.1 --k 50 --seeds 0 1
 
 Writes benchmarks/results/finetune_settings.json:
 {"CASE/LEVEL": {"K": {METHOD: {VARIANT: {SEED: {"force_mae_meV_A", "energy_mae_meV", "wall_s", "stages"}}}}}}.
@@ -46,47 +47,33 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "anchor_1e-2": {"anchor": 1e-2},
     "anchor_0.1": {"anchor": 0.1},
     "anchor_1": {"anchor": 1.0},
-    "replay": {"replay": True},
-    "replay_share_0.8": {"replay": True, "replay_share": 0.8},
 }
+STEPS = 1000  # as meta_learning.py
 
 
 def _args(data_dir: Path) -> argparse.Namespace:
-    return argparse.Namespace(data_dir=data_dir, store=meta_data.DEFAULT_STORE, quick=False)
+    """The options meta_learning.py's case loading and pre-trained model paths read."""
+    return argparse.Namespace(data_dir=data_dir, store=meta_data.DEFAULT_STORE, quick=False,
+                              work_dir=common.DEFAULT_WORK / "meta_learning")
 
 
 def job(case: str, level: str, method: str, variant: str, k: int, seed: int, data_dir: Path,
         work: Path) -> dict[str, Any]:
-    import torch
-
     from polyfid.analysis.metrics import public
     from polyfid.api import evaluate
-    from polyfid.data.batch import PackedData
-    from polyfid.models import build_potential
     from polyfid.train.finetune import finetune
 
     common.set_threads(1)
-    data = ml.load_case(case, _args(data_dir))
-    pool = data.held_out[level].pool
+    args = _args(data_dir)
+    pool = ml.load_case(case, args).held_out[level].pool
     val = pool[np.arange(len(pool) - N_VAL, len(pool))]
     avail = np.arange(len(pool) - N_VAL)
     if k > len(avail):
         raise SystemExit(f"{case}/{level}: k = {k} but only {len(avail)} pool frames precede the validation frames")
     idx = avail[:k] if seed == 0 else np.random.default_rng(seed).permutation(avail)[:k]
     ft = pool[idx]
-    opts = dict(ml.FINETUNE) | {"steps": 1000, "seed": seed, "num_threads": 1} | VARIANTS[variant]
-    if opts.get("replay") is True:
-        opts["replay"] = data.tasks
-    if method == "scratch":
-        torch.manual_seed(seed)
-        model = build_potential(ml.MODEL, sorted(set(ft.elements) | set(val.elements)), [level])
-        model.fit_reference_energies(PackedData(ft, model.cutoff, [level], dtype=torch.float32))
-        opts["warmup_steps"] = 0
-    else:
-        model = ml.pretrain_dir(argparse.Namespace(work_dir=common.DEFAULT_WORK / "meta_learning"), case,
-                                method) / "model.pt"
-        if not model.exists():
-            raise SystemExit(f"{model} missing: run benchmarks/meta_learning.py first")
+    model, opts = ml.starting_point(case, level, method, ft, val.elements, seed, args)
+    opts |= {"steps": STEPS} | VARIANTS[variant]
     t0 = time.perf_counter()
     res = finetune(model, ft, work / f"{case}_{level}_{method}_{variant}_{k}_{seed}", fidelity=level, **opts)
     m = public(evaluate(res.model, val))[level]
@@ -101,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", choices=ml.CASES, default="ethanol_levels")
     p.add_argument("--level", default="b3lyp", help="held-out level of the case (b3lyp, mp2, 3bpa)")
-    p.add_argument("--methods", nargs="+", default=["reptile", "multi_head"], choices=ml.METHODS)
-    p.add_argument("--variants", nargs="+", default=["base", "replay"], choices=list(VARIANTS))
+    p.add_argument("--methods", nargs="+", default=["reptile", "multi_head"], choices=ml.ALL_METHODS)
+    p.add_argument("--variants", nargs="+", default=["base"], choices=list(VARIANTS))
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--jobs", type=int, default=2)
@@ -130,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             done = _deep_merge(json.loads(args.out.read_text()) if args.out.exists() else {}, res)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(done | {"protocol": {"n_val": N_VAL, "variants": VARIANTS,
-                                                                  "finetune": ml.FINETUNE | {"steps": 1000}}},
+                                                                  "finetune": ml.FINETUNE | {"steps": STEPS}}},
                                            indent=1, default=str) + "\n")
     rows = [[m, v, s, common.fmt(r["force_mae_meV_A"]), common.fmt(r["energy_mae_meV"])]
             for m, vs in done.get(key, {}).get(str(args.k), {}).items() for v, ss in vs.items() for s, r in ss.items()]

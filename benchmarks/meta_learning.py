@@ -129,15 +129,34 @@ def job_path(args, case: str, level: str, k: int, method: str, seed: int) -> Pat
     return Path(args.work_dir) / case / "finetune" / f"{level}__{method}__{k}__{seed}.json"
 
 
-def finetune_job(case: str, level: str, k: int, method: str, seed: int, args) -> dict[str, Any]:
-    """Fine-tune one method on k frames of a held-out level; test errors and scans."""
+def starting_point(case: str, level: str, method: str, ft: Any, elements: list[int], seed: int,
+                   args) -> tuple[Any, dict[str, Any]]:
+    """What `method` fine-tunes from on the frames `ft` (a new network for scratch, else the
+    cached pre-trained model file) and its `finetune` options (steps: the caller's)."""
     import torch
 
+    from polyfid.data.batch import PackedData
+    from polyfid.models import build_potential
+
+    opts = dict(FINETUNE) | {"seed": seed, "num_threads": 1}
+    if method == "scratch":
+        torch.manual_seed(seed)
+        model = build_potential(MODEL, sorted(set(ft.elements) | set(elements)), [level])
+        model.fit_reference_energies(PackedData(ft, model.cutoff, [level], dtype=torch.float32))
+        return model, opts | {"warmup_steps": 0}
+    model = pretrain_dir(args, case, method.removesuffix("_replay")) / "model.pt"
+    if not model.exists():
+        raise FileNotFoundError(f"{model}: pre-train first (benchmarks/meta_learning.py --phase train)")
+    if method in REPLAY_METHODS:
+        opts |= {"replay": load_case(case, args).tasks, "replay_share": REPLAY_SHARE}
+    return model, opts
+
+
+def finetune_job(case: str, level: str, k: int, method: str, seed: int, args) -> dict[str, Any]:
+    """Fine-tune one method on k frames of a held-out level; test errors and scans."""
     from polyfid.analysis.metrics import public
     from polyfid.analysis.smoothness import scan_report
     from polyfid.api import evaluate
-    from polyfid.data.batch import PackedData
-    from polyfid.models import build_potential
     from polyfid.train.finetune import finetune, finetune_summary
 
     path = job_path(args, case, level, k, method, seed)
@@ -148,16 +167,8 @@ def finetune_job(case: str, level: str, k: int, method: str, seed: int, args) ->
     pool = held.pool if seed == 0 else held.pool[rng.permutation(len(held.pool))]
     ft = pool[np.arange(k)]
     out = path.with_suffix("")
-    opts = dict(FINETUNE) | {"steps": args.finetune_steps, "seed": seed, "num_threads": 1}
-    if method == "scratch":
-        torch.manual_seed(seed)
-        model = build_potential(MODEL, sorted(set(ft.elements) | set(held.test.elements)), [level])
-        model.fit_reference_energies(PackedData(ft, model.cutoff, [level], dtype=torch.float32))
-        opts["warmup_steps"] = 0
-    else:
-        model = Path(pretrain_dir(args, case, method.removesuffix("_replay"))) / "model.pt"
-        if method in REPLAY_METHODS:
-            opts |= {"replay": load_case(case, args).tasks, "replay_share": REPLAY_SHARE}
+    model, opts = starting_point(case, level, method, ft, held.test.elements, seed, args)
+    opts |= {"steps": args.finetune_steps}
     t0 = time.perf_counter()
     res = finetune(model, ft, out, fidelity=level, **opts)
     wall = time.perf_counter() - t0

@@ -222,7 +222,7 @@ def finetune(
     meta = {"strategy": "finetune", "target": fidelity, "source_head": head, "trainable": trainable}
     output = OutputConfig(progress=progress, tensorboard=False, plots=False)
     stages: dict[str, TrainState] = {}
-    n_epoch = int(training.get("epoch_frames") or len(train_ds))
+    n_epoch = training["epoch_frames"] if replay is not None else len(train_ds)
     tc = finetune_training(n_epoch, steps, seed=seed, **training)
     if warmup_steps > 0 and trainable != "head":
         tw = finetune_training(n_epoch, warmup_steps, seed=seed, **(training | {"early_stopping_patience": None}))
