@@ -188,6 +188,11 @@ class CompactInvariants(_Constants):
     is kept only in the subspace its partners can see (vv is dotted with the traceless T·v only,
     so its trace is dropped; the symmetric basis starts with the traceless one, so b · q reads
     b's first 5 rows).
+
+    Cost (it is most of HIP-HOP-NN's training step, which also differentiates `backward`): the
+    derivative of a bilinear z = C(x ⊗ y) goes through the small products y ⊗ g_z and x ⊗ g_z and
+    one GEMM each (for x = y, one: C + Cᵀ), not through the w_x·w_y-row matrix C g_z; a dot
+    product's derivative is read off the partner block's rows directly, without gathers.
     """
 
     def __init__(self, l_max: int, names: list[str]) -> None:
@@ -207,54 +212,61 @@ class CompactInvariants(_Constants):
             a, b, formula, space = BILINEAR[k]
             cart = torch.einsum(formula, by_block[a], by_block[b])  # (w_a, w_b, 3[, 3])
             out = spaces[space].reshape(len(spaces[space]), -1)
-            self._constant(f"coef_{k}", cart.reshape(self.widths[a] * self.widths[b], -1) @ out.t())
+            coef = cart.reshape(self.widths[a] * self.widths[b], -1) @ out.t()  # (w_a·w_b, m)
+            self._constant(f"coef_{k}", coef)
+            c3 = coef.view(self.widths[a], self.widths[b], -1)
+            # ∂z_o/∂x_i = Σ_j C_ijo y_j: rows i, columns (j, o) against y ⊗ g_z; likewise for y
+            if a == b:
+                self._constant(f"grad_{k}", (c3 + c3.transpose(0, 1)).reshape(self.widths[a], -1))
+            else:
+                self._constant(f"grad_{k}_{a}", c3.reshape(self.widths[a], -1))
+                self._constant(f"grad_{k}_{b}", c3.transpose(0, 1).reshape(self.widths[b], -1))
             self.widths[k] = out.shape[0]
         self.order = self.base + self.bilinear
-        offset, start = 0, {}
-        for k in self.order:
-            start[k], offset = offset, offset + self.widths[k]
-        left, right, which = [], [], []
-        for i, k in enumerate(self.names):
-            a, b = TERMS[k]
-            n = min(self.widths[a], self.widths[b])
-            left += range(start[a], start[a] + n)
-            right += range(start[b], start[b] + n)
-            which += [i] * n
-        self.register_buffer("left", torch.tensor(left), persistent=False)
-        self.register_buffer("right", torch.tensor(right), persistent=False)
-        total = torch.zeros(len(left), len(self.names))
-        total[torch.arange(len(left)), torch.tensor(which)] = 1.0
-        self.register_buffer("total", total, persistent=False)
+        # each invariant dots the leading n rows of two blocks
+        self.terms = [(*TERMS[k], min(self.widths[b] for b in TERMS[k])) for k in self.names]
 
-    def expand(self, x: torch.Tensor) -> torch.Tensor:
-        """x (width, R)  ->  every block the invariants read, stacked (Σ block widths, R), in `order`."""
+    def expand(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (width, R)  ->  every block the invariants read, by name ((block width, R) each)."""
         out = dict(zip(self.base, x.split([self.widths[b] for b in self.base], dim=0)))
         for k in self.bilinear:
             a, b = BILINEAR[k][:2]
             outer = (out[a][:, None] * out[b][None]).reshape(-1, x.shape[1])
             out[k] = getattr(self, f"coef_{k}").to(x.dtype).t() @ outer
-        return torch.cat([out[k] for k in self.order], dim=0)
+        return out
 
-    def combine(self, z: torch.Tensor) -> torch.Tensor:
+    def combine(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
         """The invariants (len(names), R) from `expand`'s blocks."""
-        return self.total.to(z.dtype).t() @ (z.index_select(0, self.left) * z.index_select(0, self.right))
+        return torch.stack([(z[a][:n] * z[b][:n]).sum(0) for a, b, n in self.terms])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (width, R) compact tensors, one column per atom and channel  ->  (len(names), R)."""
         return self.combine(self.expand(x))
 
-    def backward(self, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def backward(self, z: dict[str, torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
         """Σ_k grad_k ∂inv_k/∂x at z = expand(x) (kept from the forward pass); grad (len(names), R)
         ->  (width, R)."""
-        g_term = self.total.to(z.dtype) @ grad
-        g_z = torch.zeros_like(z).index_add(0, self.left, g_term * z.index_select(0, self.right))
-        g_z = g_z.index_add(0, self.right, g_term * z.index_select(0, self.left))
-        sizes = [self.widths[k] for k in self.order]
-        blocks = dict(zip(self.order, z.split(sizes, dim=0)))
-        g = dict(zip(self.order, g_z.split(sizes, dim=0)))
+        g: dict[str, torch.Tensor] = {}
+
+        def add(block: str, value: torch.Tensor) -> None:
+            if value.shape[0] < self.widths[block]:  # b and qq dotted with q: their leading rows
+                value = torch.cat([value, value.new_zeros(self.widths[block] - value.shape[0], value.shape[1])])
+            g[block] = g[block] + value if block in g else value
+
+        for (a, b, n), g_k in zip(self.terms, grad):
+            if a == b:
+                add(a, (2 * g_k) * z[a])
+            else:
+                add(a, g_k * z[b][:n])
+                add(b, g_k * z[a][:n])
         for k in reversed(self.bilinear):  # intermediates depend on the base blocks only
+            if k not in g:
+                continue
             a, b = BILINEAR[k][:2]
-            m = (getattr(self, f"coef_{k}").to(z.dtype) @ g[k]).view(self.widths[a], self.widths[b], -1)
-            g[a] = g[a] + (m * blocks[b][None]).sum(1)
-            g[b] = g[b] + (m * blocks[a][:, None]).sum(0)
-        return torch.cat([g[b] for b in self.base], dim=0)
+            g_k = g.pop(k)
+            if a == b:
+                add(a, getattr(self, f"grad_{k}") @ (z[a][:, None] * g_k[None]).reshape(-1, g_k.shape[1]))
+            else:
+                add(a, getattr(self, f"grad_{k}_{a}") @ (z[b][:, None] * g_k[None]).reshape(-1, g_k.shape[1]))
+                add(b, getattr(self, f"grad_{k}_{b}") @ (z[a][:, None] * g_k[None]).reshape(-1, g_k.shape[1]))
+        return torch.cat([g[b] if b in g else z[b].new_zeros(z[b].shape) for b in self.base], dim=0)
