@@ -273,21 +273,26 @@ def barrier(folder: str | Path | None, name: str, n: int, timeout_s: float = 360
 
 
 # ---- results -------------------------------------------------------------------------
-def merge_json(path: str | Path, update: dict[str, Any]) -> dict[str, Any]:
-    """Merge `update` into the JSON file at `path` (two levels deep: molecule -> model)."""
+def merge_json(path: str | Path, update: dict[str, Any], depth: int | None = 2) -> dict[str, Any]:
+    """Merge `update` into the JSON file at `path` and write it atomically. Dictionaries merge
+    `depth` levels deep (2: molecule -> model, each model's results replaced whole; None: all
+    the way down); below that a value replaces what was there."""
     path = Path(path)
     data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            for k2, v2 in value.items():
-                data[key][k2] = v2
-        else:
-            data[key] = value
+    _merge(data, update, depth)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
     tmp.replace(path)
     return data
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any], depth: int | None) -> None:
+    for key, value in update.items():
+        if (depth is None or depth > 1) and isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, None if depth is None else depth - 1)
+        else:
+            into[key] = value
 
 
 def _json_default(o: Any) -> Any:

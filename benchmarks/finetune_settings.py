@@ -113,22 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             r = f.result()
             print(f"{key} k={args.k} {m} {v} seed {s}: F {r['force_mae_meV_A']:.1f} meV/Å, "
                   f"E {r['energy_mae_meV']:.1f} meV ({r['wall_s']:.0f} s)", flush=True)
-            res = {key: {str(args.k): {m: {v: {str(s): r}}}}}
-            done = _deep_merge(json.loads(args.out.read_text()) if args.out.exists() else {}, res)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(done | {"protocol": {"n_val": N_VAL, "variants": VARIANTS,
-                                                                  "finetune": ml.FINETUNE | {"steps": STEPS}}},
-                                           indent=1, default=str) + "\n")
+            protocol = {"n_val": N_VAL, "variants": VARIANTS, "finetune": ml.FINETUNE | {"steps": STEPS}}
+            done = common.merge_json(args.out, {key: {str(args.k): {m: {v: {str(s): r}}}}, "protocol": protocol},
+                                     depth=None)
     rows = [[m, v, s, common.fmt(r["force_mae_meV_A"]), common.fmt(r["energy_mae_meV"])]
             for m, vs in done.get(key, {}).get(str(args.k), {}).items() for v, ss in vs.items() for s, r in ss.items()]
     common.print_table(["method", "variant", "seed", "val F MAE meV/Å", "val E MAE meV"], rows)
     return 0
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    for key, v in b.items():
-        a[key] = _deep_merge(a.get(key, {}), v) if isinstance(v, dict) and isinstance(a.get(key), dict) else v
-    return a
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ is frozen for a warm-up. Defaults are a step budget, not an epoch count, so that
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,6 +173,7 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune `model` to `train_ds`, whose frames carry labels at one level, `fidelity`
     (default: the data's only level); writes out/model.pt, whose default head is `fidelity`.
+    `model`: a saved model's path, or a `Potential`, which is copied and left unchanged.
 
     A level the model lacks gets a new head (`add_head`, `head_init`); a level it has goes
     on training its head. trainable: all, last (last interaction block and the heads) or head.
@@ -191,8 +193,8 @@ def finetune(
     device = str(training.get("device", "cpu"))
     if isinstance(model, (str, Path)):
         source = load_model(model, dtype=dtype, device=device)
-    else:  # where training will run, before anything (the anchor's θ₀) copies its parameters
-        source = model.to(dtype=dtype, device=device)
+    else:  # a copy, where training will run: the caller's model stays as it was
+        source = copy.deepcopy(model).to(dtype=dtype, device=device)
     fidelity = fidelity or _only_fidelity(train_ds)
     train_ds = restrict(train_ds, [fidelity])
     if not len(train_ds):

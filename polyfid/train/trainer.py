@@ -65,6 +65,10 @@ def batch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None = None
     return rng.choice(n, size=size or n, replace=True, p=weights / weights.sum())
 
 
+#: steps at the start of the final phase whose squared gradients floor Adam's second moments
+FLOOR_STEPS = 10
+
+
 def loss_weights(
     cfg: TrainingConfig, fidelities: list[str], dtype: torch.dtype, device: torch.device | str, final: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -154,6 +158,7 @@ class Trainer:
         self._writer = None
         self._last_checkpoint = -float("inf")
         self._weight_cache: dict[bool, dict[str, torch.Tensor]] = {}
+        self._final_steps: int | None = None  # steps taken in the final phase by this run (None: not seen)
 
     # ---- schedule ---------------------------------------------------------------------
     def progress_fraction(self, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -168,16 +173,42 @@ class Trainer:
             return cosine_lr(c.lr, c.min_lr, frac)
         return self.state.lr
 
+    def _final(self, frac: float) -> bool:
+        c = self.cfg
+        return c.final_energy_weight is not None and frac >= 1.0 - c.final_fraction
+
     def _weights(self, frac: float) -> dict[str, torch.Tensor]:
         """Loss weights per term, one per fidelity column of the training data; built once
         per phase (before / during the final energy weighting), not every step."""
-        c = self.cfg
-        final = c.final_energy_weight is not None and frac >= 1.0 - c.final_fraction
+        final = self._final(frac)
         cached = self._weight_cache.get(final)
         if cached is None:
-            cached = loss_weights(c, self.train.fidelities, self.dtype, self.device, final)
+            cached = loss_weights(self.cfg, self.train.fidelities, self.dtype, self.device, final)
             self._weight_cache[final] = cached
         return cached
+
+    def _second_moment_floor(self, final: bool) -> None:
+        """Over the first FLOOR_STEPS steps of the final phase, raise Adam's second-moment
+        estimates to at least this step's squared gradients.
+
+        The final energy weight (e.g. 1000x) multiplies the energy gradients at once, while
+        Adam's second moments follow with a time constant of 1/(1 − β2) = 1000 steps: steps of
+        several times the learning rate for hundreds of steps, which threw the force loss of
+        rMD17 aspirin up 5x at the switch (HIP-NN and HIP-HOP-NN alike) and cost much of the
+        final phase to recover. The floor gives the new loss's gradients their own scale at once.
+        A run resumed inside the final phase keeps the checkpoint's estimates."""
+        if not final:
+            self._final_steps = 0
+            return
+        if self._final_steps is None or self._final_steps >= FLOOR_STEPS:
+            return
+        self._final_steps += 1
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    st = self.optimizer.state.get(p)
+                    if p.grad is not None and st and "exp_avg_sq" in st:
+                        torch.maximum(st["exp_avg_sq"], p.grad.square(), out=st["exp_avg_sq"])
 
     # ---- one epoch --------------------------------------------------------------------
     def _needs(self) -> tuple[bool, bool]:
@@ -213,6 +244,7 @@ class Trainer:
             loss.backward()
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self._second_moment_floor(self._final(frac))
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()

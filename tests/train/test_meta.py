@@ -180,6 +180,16 @@ def test_finetune_adds_a_head_without_touching_the_others(tmp_path, saved_model)
     assert torch.allclose(e_src, e_new)  # the old heads predict exactly as before
 
 
+def test_finetune_leaves_a_potential_passed_in_unchanged(tmp_path, saved_model):
+    model = load_model(saved_model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = scaled(toy_dataset(12, seed=5), "b", 1.5, -2.0)  # a level it has: that head goes on training
+    res = finetune(model, data, tmp_path / "ft", steps=10, warmup_steps=0, num_threads=1)
+    assert res.model is not model
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert any(not torch.equal(p, q) for p, q in zip(res.model.parameters(), model.parameters()))
+
+
 def test_add_head_best_starts_from_the_matching_head(saved_model):
     source = load_model(saved_model)
     data = scaled(toy_dataset(10, seed=7), "c", 1.5, 0.3)

@@ -170,6 +170,40 @@ def test_cosine_schedule_and_final_energy_weight(tmp_path) -> None:
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_adam_second_moments_follow_the_switch_to_the_final_energy_weight(tmp_path, monkeypatch) -> None:
+    """Over the first FLOOR_STEPS steps at the final energy weight, Adam's second moments are
+    at least the squared gradients, so the 1000x energy term does not make steps of several
+    learning rates; without the floor the first final steps move the weights further."""
+    from polyfid.train import trainer as trainer_module
+
+    def run(floor_steps: int) -> list[tuple[int | None, float, bool]]:
+        monkeypatch.setattr(trainer_module, "FLOOR_STEPS", floor_steps)
+        tr = _trainer(tmp_path / str(floor_steps), epochs=16, lr=3e-3, ema_decay=None, final_energy_weight=1000.0)
+        params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+        adam_step, seen = tr.optimizer.step, []
+
+        def step(*args, **kwargs):
+            before = [p.detach().clone() for p in params]
+            floored = all(bool((tr.optimizer.state[p]["exp_avg_sq"] >= p.grad.square()).all())
+                          for p in params if "exp_avg_sq" in tr.optimizer.state.get(p, {}))
+            out = adam_step(*args, **kwargs)
+            moved = max(float((p.detach() - b).abs().max()) for p, b in zip(params, before))
+            seen.append((tr._final_steps, moved / tr.optimizer.param_groups[0]["lr"], floored))
+            return out
+
+        tr.optimizer.step = step
+        tr.fit()
+        return seen
+
+    with_floor, without = run(10), run(0)
+    assert len(with_floor) == len(without) == 64
+    counts = [c for c, _, _ in with_floor]
+    start = counts.index(1)  # the first step at the final weight (epoch 13 of 16, 4 steps each)
+    assert start == 48 and counts[start:start + 10] == list(range(1, 11)) and set(counts[start + 10:]) == {10}
+    assert all(f for _, _, f in with_floor[start:start + 10])
+    assert max(m for _, m, _ in with_floor[start:start + 5]) < max(m for _, m, _ in without[start:start + 5])
+
+
 def test_time_budget_stops_training(tmp_path) -> None:
     tr = _trainer(tmp_path, epochs=10_000, max_time_s=1.5, scheduler="cosine")
     state = tr.fit()
