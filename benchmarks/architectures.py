@@ -91,8 +91,8 @@ POLYFID_ARCH = {
     # half the width, 16 tensor channels, chosen on validation before the monomial harmonics: at
     # equal CPU time on aspirin the 128-feature, 32-channel model (then 4.1x HIP-NN's step time)
     # trained too few epochs (validation F MAE 159 against HIP-NN's 96); 64/16 (then 2.2x) reached
-    # 85.0 against 96.6 in the same run, 64/8 (1.5x) 87.3 against 87.4. Now 1.8x and 3.6x
-    # (step_cost.py)
+    # 85.0 against 96.6 in the same run, 64/8 (1.5x) 87.3 against 87.4. Now 1.17x and 2.37x
+    # (step_cost.py, after the compact invariants' cheaper derivative)
     "hiphop": ARCH | {"architecture": "hiphop", "l_max": 3, "max_tensors": 4, "n_features": 64,
                       "tensor_features": 16},
 }

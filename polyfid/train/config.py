@@ -100,7 +100,8 @@ class TrainingConfig:
         0.01, "huber: where the loss turns linear, in eV/atom (energy), eV/Å (forces), eV/Å³ (stress)"
     )
     final_energy_weight: float | None = opt(
-        None, "energy weight for the last part of training (e.g. 1000), null: unchanged"
+        None, "energy weight for the last part of training (e.g. 1000), null: unchanged; over the first 10 "
+        "steps at that weight Adam's second moments are floored by the squared gradients (no burst of large steps)"
     )
     final_fraction: float = opt(0.25, "fraction of the budget (time or epochs) that uses final_energy_weight")
     fidelity_weights: dict = opt(
