@@ -259,9 +259,7 @@ class CompactInvariants(_Constants):
             else:
                 add(a, g_k * z[b][:n])
                 add(b, g_k * z[a][:n])
-        for k in reversed(self.bilinear):  # intermediates depend on the base blocks only
-            if k not in g:
-                continue
+        for k in reversed(self.bilinear):  # intermediates depend on the base blocks only; every one is read
             a, b = BILINEAR[k][:2]
             g_k = g.pop(k)
             if a == b:
