@@ -31,6 +31,7 @@ from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
 from polyfid.models import atomic_write, build_potential, load_model, model_dict, read_checkpoint
 from polyfid.models.potential import Potential
+from polyfid.numerics import flush_denormals
 from polyfid.train.config import Config, ConfigError, MetaConfig, TrainingConfig, load_config
 from polyfid.train.strategies import DTYPES, restrict
 from polyfid.train.trainer import BEST_MODEL, CHECKPOINT, loss_weights, step_loss, validation_loss
@@ -216,7 +217,12 @@ class ReptileTrainer:
                 s.stopped = "early stopping"
 
     def fit(self, resume: bool = False) -> MetaState:
-        """Meta-train until outer_steps, the time budget or early stopping."""
+        """Meta-train until outer_steps, the time budget or early stopping (subnormal floats
+        flushed to zero where training.flush_denormal says so)."""
+        with flush_denormals(self.tc.flush_denormal):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> MetaState:
         if resume and self.load_checkpoint():
             print(f"resuming from {self.out / CHECKPOINT} after outer step {self.state.step}")
             if self.state.stopped in ("step limit", "time budget"):

@@ -25,6 +25,7 @@ from polyfid.analysis.metrics import error_metrics
 from polyfid.data.batch import PackedData
 from polyfid.models import atomic_write, model_dict, read_checkpoint
 from polyfid.models.potential import Potential
+from polyfid.numerics import flush_denormals
 from polyfid.train.config import TrainingConfig
 from polyfid.train.ema import EMA
 from polyfid.train.losses import loss_terms, total_loss
@@ -367,7 +368,12 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainState:
         """Train until the epoch limit, the time budget or early stopping; returns the state.
 
-        With resume=True, continue from out/checkpoint.pt (if there is one)."""
+        With resume=True, continue from out/checkpoint.pt (if there is one). Subnormal floats
+        are flushed to zero meanwhile where cfg.flush_denormal says so (polyfid.numerics)."""
+        with flush_denormals(self.cfg.flush_denormal):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> TrainState:
         if resume and self.load_checkpoint():
             print(f"resuming from {self.out / CHECKPOINT} after epoch {self.state.epoch}")
             if self.state.stopped in ("epoch limit", "time budget"):

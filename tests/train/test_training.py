@@ -254,3 +254,25 @@ def test_config_reads_exponent_floats_from_yaml(tmp_path, toy_xyz) -> None:
     cfg["training"]["lr"] = yaml.safe_load("2e-3")
     assert cfg["training"]["lr"] == "2e-3"
     assert load_config(cfg).training.lr == 0.002
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_training_flushes_subnormals_only_while_it_runs(tmp_path, flush) -> None:
+    """Every step runs with subnormal floats flushed (training.flush_denormal, the default) or
+    not; the thread's mode is back as it was after fit()."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats (no FTZ/DAZ)")
+    from polyfid.numerics import flushing_denormals
+
+    assert TrainingConfig().flush_denormal
+    seen: list[bool] = []
+
+    def regularizer() -> torch.Tensor:  # called in every step's loss
+        seen.append(flushing_denormals())
+        return torch.zeros(())
+
+    tr = _trainer(tmp_path, epochs=2, flush_denormal=flush)
+    tr.regularizer = regularizer
+    tr.fit()
+    assert len(seen) == 8 and set(seen) == {flush}
+    assert not flushing_denormals()
