@@ -107,6 +107,24 @@ def test_task_heads_stay_separate(tmp_path):
     assert not torch.equal(tr.model.readout.weight[1 - b], torch.zeros_like(before[0]))
 
 
+def test_meta_training_flushes_subnormals_only_while_it_runs(tmp_path):
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats (no FTZ/DAZ)")
+    from polyfid.numerics import flushing_denormals
+
+    for flush in (True, False):
+        tr = trainer(tmp_path / str(flush), MetaConfig(inner_steps=2, outer_steps=3), flush_denormal=flush)
+        seen, outer = [], tr.outer_step
+
+        def step(outer=outer, seen=seen):
+            seen.append(flushing_denormals())
+            return outer()
+
+        tr.outer_step = step
+        assert tr.fit().step == 3
+        assert seen == [flush] * 3 and not flushing_denormals()
+
+
 def meta_cfg(out: Path, **meta) -> dict:
     return {"model": TINY, "training": {"batch_size": 4, "num_threads": 1, "checkpoint_interval_s": 0.0},
             "meta": {"outer_steps": 6, "inner_steps": 2, "eval_every": 1, **meta},
