@@ -7,6 +7,11 @@ a trained rMD17 aspirin HIP-HOP-NN took 275-325 ms with them and 212 ms with the
 (fresh weights: the same either way). On an AMD EPYC, two 600 s aspirin runs side by side, with
 and without flushing, trained at the same 171 and 170 frames/s. Flushing changes nothing that
 matters: such values are 1e-38 of the unit scale of the inputs and weights.
+
+The mode is a per-thread CPU register. `flush_denormals` sets the calling thread's, which runs
+all of the work with `torch.set_num_threads(1)` (the setting for training on a small or shared
+machine, and the benchmarks'). torch's intra-op worker threads take the mode of the thread that
+started them, when torch first runs a parallel region, and keep it.
 """
 
 from __future__ import annotations
