@@ -8,7 +8,7 @@ tensor channels) and HIP-HOP-NN at the library's default widths (128 / 32):
 
   .venv/bin/python benchmarks/step_cost.py [--molecule aspirin] [--batch 32] [--repeats 15]
 
-Writes benchmarks/results/step_cost.json: {"device", "molecule", "batch", "threads",
+Writes benchmarks/results/step_cost.json: {"device", "machine", "molecule", "batch", "threads",
 MODEL: {"median_ms", "ratio", "n_params"}}.
 """
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     common.set_threads(args.threads)
     res = measure(args.molecule, args.batch, args.repeats, args.data_dir)
     out = {"device": common.device_name("cpu"), "molecule": args.molecule, "batch": args.batch,
-           "threads": args.threads, "repeats": args.repeats} | res
+           "threads": args.threads, "repeats": args.repeats, "machine": common.machine_info("cpu")} | res
     args.out.mkdir(parents=True, exist_ok=True)
     common.merge_json(args.out / "step_cost.json", out)
     common.print_table(["model", "median ms", "ratio", "params"],
