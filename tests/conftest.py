@@ -8,12 +8,18 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import pytest
+import torch
 from ase import Atoms
 from ase.calculators.lj import LennardJones
 
 from polyfid.data.frame import Dataset, Frame, Labels
 
 SHARED_DATA = Path(os.environ.get("POLYFID_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+# torch.set_flush_denormal returns whether the CPU has the FTZ/DAZ modes; asked with False, it
+# leaves the main thread in the default mode the tests expect
+needs_ftz = pytest.mark.skipif(not torch.set_flush_denormal(False),
+                               reason="this CPU cannot flush subnormal floats (no FTZ/DAZ)")
 
 
 def toy_molecules(n_frames: int, seed: int = 0, n_atoms: int = 5) -> list[Atoms]:

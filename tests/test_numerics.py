@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_ftz
 
 from polyfid.numerics import flush_denormals, flushing_denormals
 
 SUBNORMAL = 1e-39  # below float32's smallest normal number, 1.18e-38
-
-
-def _supported() -> bool:
-    supported = torch.set_flush_denormal(True)
-    torch.set_flush_denormal(False)
-    return supported
-
-
-needs_ftz = pytest.mark.skipif(not _supported(), reason="this CPU cannot flush subnormal floats (no FTZ/DAZ)")
 
 
 def test_subnormals_survive_by_default() -> None:

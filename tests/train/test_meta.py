@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import toy_dataset, toy_molecules
+from conftest import needs_ftz, toy_dataset, toy_molecules
 
 from polyfid.data.batch import PackedData
 from polyfid.data.frame import Dataset, Labels
@@ -107,9 +107,8 @@ def test_task_heads_stay_separate(tmp_path):
     assert not torch.equal(tr.model.readout.weight[1 - b], torch.zeros_like(before[0]))
 
 
+@needs_ftz
 def test_meta_training_flushes_subnormals_only_while_it_runs(tmp_path):
-    if not torch.set_flush_denormal(False):
-        pytest.skip("this CPU cannot flush subnormal floats (no FTZ/DAZ)")
     from polyfid.numerics import flushing_denormals
 
     for flush in (True, False):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, toy_dataset
+from conftest import needs_ftz, tiny_config, toy_dataset
 
 from polyfid.data.batch import PackedData
 from polyfid.data.errors import DataError
@@ -256,12 +256,11 @@ def test_config_reads_exponent_floats_from_yaml(tmp_path, toy_xyz) -> None:
     assert load_config(cfg).training.lr == 0.002
 
 
+@needs_ftz
 @pytest.mark.parametrize("flush", [True, False])
 def test_training_flushes_subnormals_only_while_it_runs(tmp_path, flush) -> None:
     """Every step runs with subnormal floats flushed (training.flush_denormal, the default) or
     not; the thread's mode is back as it was after fit()."""
-    if not torch.set_flush_denormal(False):
-        pytest.skip("this CPU cannot flush subnormal floats (no FTZ/DAZ)")
     from polyfid.numerics import flushing_denormals
 
     assert TrainingConfig().flush_denormal
