@@ -56,8 +56,8 @@ MODEL = {"architecture": "hipnn", "n_features": 64, "n_sensitivities": 16, "n_in
 PRETRAIN = {"batch_size": 32, "lr": 1e-3, "scheduler": "cosine", "min_lr": 1e-5, "energy_weight": 1.0,
             "force_weight": 100.0, "ema_decay": 0.99, "early_stopping_patience": None,
             "checkpoint_interval_s": 60.0, "epochs": 100000}
-META = {"inner_steps": 8, "inner_lr": 1e-3, "inner_optimizer": "adam", "outer_lr": 1.0, "outer_lr_final": 0.1,
-        "tasks_per_step": 1, "eval_every": 25, "outer_steps": 10**7}
+META = {"inner_steps": 8, "inner_lr": 1e-3, "inner_optimizer": "adam", "inner_state": "keep", "outer_lr": 1.0,
+        "outer_lr_final": 0.1, "tasks_per_step": 1, "eval_every": 25, "outer_steps": 10**7}
 FINETUNE = {"warmup_steps": 200, "head_init": "best", "trainable": "all", "val_fraction": 0.2}
 REPLAY_SHARE = 0.5  # share of the fine-tuning draws from the pre-training tasks (replay methods)
 

@@ -178,8 +178,14 @@ class MetaConfig:
     outer_steps: int = opt(2000, "outer (meta) steps; training.max_time_s stops earlier if set")
     inner_steps: int = opt(8, "optimiser steps on one task per outer step")
     inner_lr: float = opt(1e-3, "learning rate of the inner optimiser")
-    inner_optimizer: Literal["adam", "sgd"] = opt("adam", "inner optimiser; its state starts afresh each outer step")
+    inner_optimizer: Literal["adam", "sgd"] = opt("adam", "inner optimiser")
     inner_betas: list = opt([0.0, 0.999], "Adam betas of the inner optimiser (β1 = 0 as in the Reptile paper)")
+    inner_state: Literal["keep", "reset"] = opt(
+        "keep", "keep: the inner Adam's moment estimates carry over from one outer step to the next (as in the "
+        "Reptile paper's code); reset: a fresh optimiser every outer step, whose first steps move every weight "
+        "by about the learning rate whatever its gradient")
+    inner_lr_final: float | None = opt(
+        None, "inner learning rate at the end, cosine from inner_lr over the budget (None: constant inner_lr)")
     outer_lr: float = opt(1.0, "outer step size ε at the start")
     outer_lr_final: float = opt(0.1, "ε at the end; linear in between (over outer_steps, or the time budget)")
     tasks_per_step: int = opt(1, "tasks adapted from the same θ per outer step; their φ − θ are averaged")
@@ -325,8 +331,11 @@ def _validate(obj: Any, where: str) -> None:
         for key in ("outer_steps", "inner_steps", "tasks_per_step", "eval_every"):
             if getattr(obj, key) < 1:
                 raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(obj, key)}")
-        if obj.inner_lr <= 0:
-            raise ConfigError(f"{where}.inner_lr: must be positive, got {obj.inner_lr}")
+        for key in ("inner_lr", "inner_lr_final"):
+            v = getattr(obj, key)
+            if (v is not None or key == "inner_lr") and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                                           or v <= 0):
+                raise ConfigError(f"{where}.{key}: expected a positive number, got {v!r}")
         if not (0 < obj.outer_lr <= 1 and 0 <= obj.outer_lr_final <= 1):
             raise ConfigError(f"{where}: outer_lr must lie in (0, 1] and outer_lr_final in [0, 1], got "
                               f"{obj.outer_lr} and {obj.outer_lr_final}")

@@ -2,14 +2,17 @@
 set at one level of theory: one fidelity column of the training data.
 
 Each outer step copies the weights θ, takes k optimiser steps on batches of one task
-(inner learning rate α) to reach φ, and moves the shared weights θ ← θ + ε(φ − θ), ε
-decaying linearly. Heads and reference energies stay task-specific: a task's head row takes
+(inner learning rate α, constant or cosine-annealed) to reach φ, and moves the shared weights
+θ ← θ + ε(φ − θ), ε decaying linearly. The inner Adam keeps its moment estimates from one
+outer step to the next by default (`meta.inner_state`), as the Reptile paper's code does: a
+fresh Adam's first steps move every weight by about α whatever its gradient, noise that the
+outer average then has to undo. Heads and reference energies stay task-specific: a task's head row takes
 its φ whole, the other rows are not touched (their gradient is zero in the task's inner
 loop). The result is an ordinary multi-head model file, ready for `finetune`.
 
 Resuming is exact: the tasks and batches of outer step s are a function of (seed, s), the
-inner optimiser starts afresh every outer step, and a checkpoint (weights, step, clock,
-best validation, history) is written atomically every `training.checkpoint_interval_s`.
+inner optimiser's state is checkpointed with the weights (with step, clock, best
+validation, history) is written atomically every `training.checkpoint_interval_s`.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class ReptileTrainer:
         self.dtype = next(model.parameters()).dtype
         self.weights = loss_weights(tc, list(model.fidelities), self.dtype, self.device)
         self.state = MetaState()
+        self._opt: torch.optim.Optimizer | None = None
         self._last_checkpoint = -math.inf
 
     # ---- schedule -----------------------------------------------------------------------
@@ -125,11 +129,24 @@ class ReptileTrainer:
         f = self.fraction()
         return self.mc.outer_lr + (self.mc.outer_lr_final - self.mc.outer_lr) * f
 
+    def inner_lr(self) -> float:
+        """α now: inner_lr, or cosine from inner_lr to inner_lr_final over the budget."""
+        a0, a1 = self.mc.inner_lr, self.mc.inner_lr_final
+        if a1 is None:
+            return a0
+        return a1 + (a0 - a1) * 0.5 * (1 + math.cos(math.pi * self.fraction()))
+
     # ---- one outer step -----------------------------------------------------------------
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        if self.mc.inner_optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.mc.inner_lr)
-        return torch.optim.Adam(params, lr=self.mc.inner_lr, betas=tuple(self.mc.inner_betas))
+        """The inner optimiser at the current α: the kept one, or a fresh one."""
+        if self._opt is None or self.mc.inner_state == "reset":
+            if self.mc.inner_optimizer == "sgd":
+                self._opt = torch.optim.SGD(params, lr=self.inner_lr())
+            else:
+                self._opt = torch.optim.Adam(params, lr=self.inner_lr(), betas=tuple(self.mc.inner_betas))
+        for g in self._opt.param_groups:
+            g["lr"] = self.inner_lr()
+        return self._opt
 
     def adapt(self, task: str, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """φ: the weights after `inner_steps` optimiser steps on task `task` from the
@@ -182,6 +199,8 @@ class ReptileTrainer:
     def save_checkpoint(self) -> None:
         d = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
              "state": asdict(self.state)}
+        if self._opt is not None and self.mc.inner_state == "keep":
+            d["optimizer"] = self._opt.state_dict()
         atomic_write(d, self.out / CHECKPOINT, durable=False)
         self._write_history()
         self._last_checkpoint = time.perf_counter()
@@ -192,6 +211,8 @@ class ReptileTrainer:
             return False
         self.model.load_state_dict(ck["model"])
         self.state = MetaState(**ck["state"])
+        if "optimizer" in ck and self.mc.inner_state == "keep":
+            self._optimizer([p for p in self.model.parameters() if p.requires_grad]).load_state_dict(ck["optimizer"])
         return True
 
     def save_best_model(self) -> None:
@@ -247,7 +268,8 @@ class ReptileTrainer:
                 s.step += 1
                 s.elapsed_s = e_mark + (time.perf_counter() - t_mark)
                 if s.step % mc.eval_every == 0 or s.step == mc.outer_steps:
-                    row = {"step": s.step, "epsilon": eps} | {f"n_{t}": n for t, n in counts.items()}
+                    row = {"step": s.step, "epsilon": eps, "inner_lr": self.inner_lr()}
+                    row |= {f"n_{t}": n for t, n in counts.items()}
                     self._evaluate(row)  # validation counts towards the clock, as in ordinary training
                     s.elapsed_s = row["elapsed_s"] = e_mark + (time.perf_counter() - t_mark)
                     s.history.append(row)

@@ -16,7 +16,7 @@ from conftest import needs_ftz, toy_dataset, toy_molecules
 from polyfid.data.batch import PackedData
 from polyfid.data.frame import Dataset, Labels
 from polyfid.models import build_potential, load_model
-from polyfid.train.config import MetaConfig, TrainingConfig, load_config
+from polyfid.train.config import ConfigError, MetaConfig, TrainingConfig, load_config
 from polyfid.train.finetune import add_head, finetune
 from polyfid.train.meta import ReptileTrainer, meta_train, reptile_update
 from polyfid.train.strategies import restrict
@@ -105,6 +105,33 @@ def test_task_heads_stay_separate(tmp_path):
     assert torch.equal(tr.model.readout.weight[b], before[0])
     assert torch.equal(tr.model.atom_ref[:, b], before[1])
     assert not torch.equal(tr.model.readout.weight[1 - b], torch.zeros_like(before[0]))
+
+
+def test_inner_adam_keeps_its_state_across_outer_steps_unless_reset(tmp_path):
+    for mode, steps_seen in (("keep", 6), ("reset", 3)):
+        tr = trainer(tmp_path / mode, MetaConfig(inner_steps=3, inner_state=mode))
+        tr.outer_step()
+        first = tr._opt
+        tr.state.step += 1
+        tr.outer_step()
+        assert (tr._opt is first) == (mode == "keep")
+        counts = {int(s["step"]) for s in tr._opt.state.values()}
+        assert counts == {steps_seen}  # every parameter: the inner steps this optimiser has taken
+
+
+def test_inner_learning_rate_schedule(tmp_path):
+    tr = trainer(tmp_path, MetaConfig(inner_lr=1e-3, inner_lr_final=1e-5, outer_steps=10))
+    assert tr.inner_lr() == pytest.approx(1e-3)
+    tr.state.step = 5
+    assert tr.inner_lr() == pytest.approx(0.5 * (1e-3 + 1e-5))
+    tr.outer_step()
+    assert tr._opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1e-3 + 1e-5))
+    tr.state.step = 10
+    assert tr.inner_lr() == pytest.approx(1e-5)
+    assert trainer(tmp_path / "c", MetaConfig(inner_lr=2e-3)).inner_lr() == 2e-3  # constant by default
+    for bad in ({"inner_lr_final": 0.0}, {"inner_lr_final": "x"}, {"inner_lr": None}, {"inner_state": "kept"}):
+        with pytest.raises(ConfigError):
+            load_config({"meta": bad})
 
 
 @needs_ftz
