@@ -331,11 +331,9 @@ def _validate(obj: Any, where: str) -> None:
         for key in ("outer_steps", "inner_steps", "tasks_per_step", "eval_every"):
             if getattr(obj, key) < 1:
                 raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(obj, key)}")
-        for key in ("inner_lr", "inner_lr_final"):
-            v = getattr(obj, key)
-            if (v is not None or key == "inner_lr") and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                                           or v <= 0):
-                raise ConfigError(f"{where}.{key}: expected a positive number, got {v!r}")
+        for key in ("inner_lr", "inner_lr_final"):  # types: checked by from_dict
+            if getattr(obj, key) is not None and getattr(obj, key) <= 0:
+                raise ConfigError(f"{where}.{key}: must be positive, got {getattr(obj, key)}")
         if not (0 < obj.outer_lr <= 1 and 0 <= obj.outer_lr_final <= 1):
             raise ConfigError(f"{where}: outer_lr must lie in (0, 1] and outer_lr_final in [0, 1], got "
                               f"{obj.outer_lr} and {obj.outer_lr_final}")

@@ -5,14 +5,14 @@ Each outer step copies the weights θ, takes k optimiser steps on batches of one
 (inner learning rate α, constant or cosine-annealed) to reach φ, and moves the shared weights
 θ ← θ + ε(φ − θ), ε decaying linearly. The inner Adam keeps its moment estimates from one
 outer step to the next by default (`meta.inner_state`), as the Reptile paper's code does: a
-fresh Adam's first steps move every weight by about α whatever its gradient, noise that the
-outer average then has to undo. Heads and reference energies stay task-specific: a task's head row takes
-its φ whole, the other rows are not touched (their gradient is zero in the task's inner
-loop). The result is an ordinary multi-head model file, ready for `finetune`.
+fresh Adam's first steps move every weight by about α whatever its gradient. Heads and
+reference energies stay task-specific: a task's head row takes its φ whole, the other rows
+are not touched (their gradient is zero in the task's inner loop). The result is an
+ordinary multi-head model file, ready for `finetune`.
 
-Resuming is exact: the tasks and batches of outer step s are a function of (seed, s), the
-inner optimiser's state is checkpointed with the weights (with step, clock, best
-validation, history) is written atomically every `training.checkpoint_interval_s`.
+Resuming is exact: the tasks and batches of outer step s are a function of (seed, s), and a
+checkpoint (weights, the kept inner optimiser's state, step, clock, best validation,
+history) is written atomically every `training.checkpoint_interval_s`.
 """
 
 from __future__ import annotations
@@ -141,11 +141,12 @@ class ReptileTrainer:
         """The inner optimiser at the current α: the kept one, or a fresh one."""
         if self._opt is None or self.mc.inner_state == "reset":
             if self.mc.inner_optimizer == "sgd":
-                self._opt = torch.optim.SGD(params, lr=self.inner_lr())
+                self._opt = torch.optim.SGD(params)
             else:
-                self._opt = torch.optim.Adam(params, lr=self.inner_lr(), betas=tuple(self.mc.inner_betas))
+                self._opt = torch.optim.Adam(params, betas=tuple(self.mc.inner_betas))
+        lr = self.inner_lr()
         for g in self._opt.param_groups:
-            g["lr"] = self.inner_lr()
+            g["lr"] = lr
         return self._opt
 
     def adapt(self, task: str, rng: np.random.Generator) -> dict[str, torch.Tensor]:
