@@ -55,14 +55,15 @@ def align_fidelities(data: Dataset, model: Potential, mapping: dict[str, str] | 
 
 def evaluate(
     model: str | Path | Potential,
-    data: Dataset | str | Path,
+    data: Dataset | str | Path | list[str | Path],
     mapping: dict[str, str] | None = None,
     batch_size: int = 64,
     **read_options: Any,
 ) -> dict[str, Any]:
     """Errors of `model` on `data` per fidelity (energy MAE/RMSE in meV, forces in meV/Å).
 
-    The result also holds the raw arrays under "_arrays" (for parity plots)."""
+    `data`: a data set, a file, or a list of files (merged: the same geometry in two files is
+    one frame). The result also holds the raw arrays under "_arrays" (for parity plots)."""
     model = _as_model(model)
     if not isinstance(data, Dataset):
         data = read(data, **read_options)

@@ -8,7 +8,8 @@ import json
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="errors of a model on a labelled data file, per fidelity")
     p.add_argument("model", help="model file (model.pt of a run)")
-    p.add_argument("data", help="labelled data file or folder")
+    p.add_argument("data", nargs="+", help="labelled data files or folders; several are merged (the same geometry "
+                   "in two files is one frame with both files' label sets)")
     p.add_argument("--format", help="reader name (detected if omitted)")
     p.add_argument("--fidelity", help="which label set of the data file to read (multi-level files)")
     p.add_argument("--as", dest="as_fidelity", help="model fidelity the data's labels correspond to")
@@ -35,7 +36,7 @@ def run(args) -> int:
     from polyfid.api import evaluate
     from polyfid.data.readers import read
 
-    data = read(args.data, format=args.format, fidelity=args.fidelity)
+    data = read(args.data if len(args.data) > 1 else args.data[0], format=args.format, fidelity=args.fidelity)
     mapping = None
     if args.as_fidelity:
         if len(data.fidelities) != 1:

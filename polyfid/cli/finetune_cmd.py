@@ -10,7 +10,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a trained (e.g. meta-trained) model to a small data set: a new "
                        "head and reference energies for its level")
     p.add_argument("model", help="model file (model.pt of a run)")
-    p.add_argument("data", help="labelled data file at the new level")
+    p.add_argument("data", nargs="+", help="labelled data files at the new level (several are merged: e.g. "
+                   "energies in one file, forces of the same geometries in another)")
     p.add_argument("--format", help="reader name (detected if omitted)")
     p.add_argument("--fidelity", help="which label set of the data file to read (multi-level files)")
     p.add_argument("--level", help="name of the data's level, the head trained (default: the label set's name, or "
@@ -38,14 +39,18 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _read(path: str, args, level: str):
+def _read(paths: str | list[str], args, level: str):
+    """The files' labels as fidelity `level`, merged across files."""
+    from polyfid.data.frame import Dataset
     from polyfid.data.readers import read
 
-    ds = read(path, format=args.format, fidelity=args.fidelity)
-    if len(ds.fidelities) != 1:
-        raise KeyError(f"{path}: label sets {ds.fidelities}; choose one with --fidelity")
-    ds.rename_fidelity(ds.fidelities[0], level)
-    return ds
+    parts = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        ds = read(path, format=args.format, fidelity=args.fidelity)
+        if len(ds.fidelities) != 1:
+            raise KeyError(f"{path}: label sets {ds.fidelities}; choose one with --fidelity")
+        parts.append(ds.rename_fidelity(ds.fidelities[0], level))
+    return Dataset.merge(parts)
 
 
 def _replay(specs: list[str], args):
@@ -65,7 +70,9 @@ def _replay(specs: list[str], args):
             raise KeyError(f"--replay {spec}: the file has label sets {ds.fidelities}; =LEVEL names a file "
                            "with one label set")
         parts.append(ds)
-    return sum(parts[1:], parts[0]) if parts else None
+    from polyfid.data.frame import Dataset
+
+    return Dataset.merge(parts) if parts else None
 
 
 def run(args) -> int:
@@ -78,9 +85,9 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    first = read(args.data, format=args.format, fidelity=args.fidelity)
+    first = read(args.data[0], format=args.format, fidelity=args.fidelity)
     name = first.fidelities[0] if len(first.fidelities) == 1 else None
-    level = args.level or (Path(args.data).stem if name in (None, "default") else name)
+    level = args.level or (Path(args.data[0]).stem if name in (None, "default") else name)
     train = _read(args.data, args, level)
     val = _read(args.val, args, level) if args.val else None
     training = {"lr": args.lr} | ({"max_time_s": args.max_time_s} if args.max_time_s else {})

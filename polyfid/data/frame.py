@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from polyfid.data.errors import DataError
+from polyfid.data.merge import MERGE_TOLERANCE, MergeReport, merge_frames
 
 
 @dataclass
@@ -103,11 +104,32 @@ class Frame:
 
 
 class Dataset(Sequence[Frame]):
-    """An ordered collection of frames; the same geometry at two levels is one frame."""
+    """An ordered collection of frames; the same geometry at two levels is one frame
+    (`Dataset.merge`, which every loader applies)."""
 
     def __init__(self, frames: Iterable[Frame], name: str = "") -> None:
         self.frames = list(frames)
         self.name = name
+        #: what the merge that made this data set did (None: not made by a merge)
+        self.merge_report: MergeReport | None = None
+
+    @classmethod
+    def merge(cls, datasets: Iterable[Dataset], tolerance: float | None = MERGE_TOLERANCE,
+              name: str = "") -> Dataset:
+        """The frames of `datasets`, in order, with frames of the same geometry (positions within
+        `tolerance` Å; see polyfid.data.merge) folded into one frame that carries every label
+        set. The same fidelity twice for one geometry: identical labels merge (counted in
+        `merge_report`), different ones raise DataError naming both frames. `tolerance=None`
+        concatenates without merging. The input frames are left unchanged."""
+        sets = list(datasets)
+        frames = [f for ds in sets for f in ds]
+        name = name or " + ".join(ds.name for ds in sets if ds.name)
+        if tolerance is None:
+            return cls(frames, name=name)
+        merged, report = merge_frames(frames, tolerance)
+        out = cls(merged, name=name)
+        out.merge_report = report
+        return out
 
     def __len__(self) -> int:
         return len(self.frames)

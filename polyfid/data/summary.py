@@ -14,10 +14,12 @@ def summarize(dataset: Dataset) -> dict[str, Any]:
     """Statistics of `dataset` as a plain dict.
 
     Keys: ``name``, ``frames``, ``atoms`` (min/mean/max atoms per frame), ``elements`` (symbols),
-    ``formulas`` (number of distinct formulas), ``fidelities``: name -> {``energies``, ``forces``,
-    ``stress`` (counts of frames with that label), ``energy_per_atom_mean`` / ``_std`` (eV/atom),
-    ``force_rms`` (RMS force component, eV/Å), ``force_max`` (largest |F| of an atom, eV/Å)}.
-    Statistics over no data are None.
+    ``formulas`` (number of distinct formulas), ``fidelities``: name -> {``frames`` (frames with
+    that label set), ``energies``, ``forces``, ``stress`` (counts of frames with that label),
+    ``energy_per_atom_mean`` / ``_std`` (eV/atom), ``force_rms`` (RMS force component, eV/Å),
+    ``force_max`` (largest |F| of an atom, eV/Å)}, ``multi_fidelity_geometries`` (frames with
+    label sets at two or more fidelities), and ``merge`` (the MergeReport counts when the data set
+    was made by merging files, else None). Statistics over no data are None.
     """
     from ase.data import chemical_symbols
 
@@ -33,14 +35,17 @@ def summarize(dataset: Dataset) -> dict[str, Any]:
         "elements": [chemical_symbols[z] for z in dataset.elements],
         "formulas": len(Counter(f.formula() for f in dataset)),
         "fidelities": {},
+        "multi_fidelity_geometries": sum(1 for f in dataset if len(f.labels) > 1),
+        "merge": dataset.merge_report.as_dict() if dataset.merge_report is not None else None,
     }
     for fid in dataset.fidelities:
         e_per_atom, sq_sum, n_comp, f_max = [], 0.0, 0, None
-        counts = {"energies": 0, "forces": 0, "stress": 0}
+        counts = {"frames": 0, "energies": 0, "forces": 0, "stress": 0}
         for fr in dataset:
             lab = fr.labels.get(fid)
             if lab is None:
                 continue
+            counts["frames"] += 1
             if lab.energy is not None:
                 counts["energies"] += 1
                 e_per_atom.append(lab.energy / fr.n_atoms)
@@ -75,8 +80,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"atoms/frame {a['min']}..{a['max']} (mean {_fmt(a['mean'], '.1f')}), "
         f"{summary['formulas']} formula(s), elements {' '.join(summary['elements'])}",
     ]
+    if len(summary["fidelities"]) > 1 or summary.get("merge"):
+        line = f"geometries with labels at two or more fidelities: {summary['multi_fidelity_geometries']}"
+        m = summary.get("merge")
+        if m and m["merged_frames"]:
+            twice = m["duplicate_label_sets"]
+            line += (f" ({m['frames_in']} frames read, {m['merged_frames']} merged into a frame of the same geometry"
+                     f"{f', {twice} label sets given twice, identical' if twice else ''})")
+        lines.append(line)
     header = (
         "fidelity",
+        "frames",
         "energies",
         "forces",
         "stress",
@@ -88,6 +102,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows = [
         (
             fid,
+            str(s["frames"]),
             str(s["energies"]),
             str(s["forces"]),
             str(s["stress"]),

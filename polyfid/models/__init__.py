@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from polyfid.models.branched import BranchedPotential
 from polyfid.models.delta import DeltaPotential
 from polyfid.models.embedding import FidelityEmbeddingPotential
 from polyfid.models.hiphop import HIPHOPNN
@@ -33,10 +34,12 @@ def build_potential(model_config: dict[str, Any], species: Sequence[int], fideli
 
     With "fidelity_embedding": D (> 0) in the options, one head for all fidelities and a
     learned D-dimensional fidelity embedding (FidelityEmbeddingPotential); else one head per
-    fidelity."""
+    fidelity, and with "fidelity_blocks": k (> 0) and several fidelities, each fidelity's own
+    last k interaction blocks (BranchedPotential)."""
     cfg = dict(model_config)
     name = cfg.pop("architecture", "hipnn")
     embed = int(cfg.pop("fidelity_embedding", 0) or 0)
+    own_blocks = int(cfg.pop("fidelity_blocks", 0) or 0)
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
     cfg = {k: v for k, v in cfg.items() if v is not None}  # unset architecture-specific options
@@ -46,6 +49,8 @@ def build_potential(model_config: dict[str, Any], species: Sequence[int], fideli
         raise ValueError(f"architecture {name!r}: {e}") from None
     if embed:
         pot: Potential = FidelityEmbeddingPotential(rep, species, fidelities, embed)
+    elif own_blocks and len(fidelities) > 1:
+        pot = BranchedPotential(rep, species, fidelities, own_blocks)
     else:
         pot = Potential(rep, species, fidelities)
     pot.model_config = dict(model_config)  # what rebuilds it (saved with the weights)
@@ -152,6 +157,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 __all__ = [
     "ARCHITECTURES",
     "HIPNN",
+    "BranchedPotential",
     "DeltaPotential",
     "FidelityEmbeddingPotential",
     "Potential",

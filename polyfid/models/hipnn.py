@@ -8,6 +8,9 @@ the hierarchical energy head reads out.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -150,17 +153,47 @@ class HIPNN(nn.Module):
 
     def forward(self, x: torch.Tensor, geom: PairGeometry) -> list[torch.Tensor]:
         """x: (N, n_species) one-hot; returns the features of each block, [(N, f_0), (N, f_1), ...]."""
+        return self.forward_branches(x, geom, [None])[0]
+
+    # ---- branches: the same first blocks, each branch its own last blocks ------------------
+    # A branch ("tail") is a ModuleList replacing the last len(tail) blocks (None: this
+    # network's own); the blocks before the tails run once for all branches. Multi-fidelity
+    # potentials give each fidelity its own last block this way (models/branched.py).
+
+    def make_tail(self, n_blocks: int) -> nn.ModuleList:
+        """A copy of the last `n_blocks` blocks (a branch's own blocks, starting as these)."""
+        if not 0 < n_blocks <= len(self.blocks):
+            raise ValueError(f"a branch replaces 1..{len(self.blocks)} blocks, not {n_blocks}")
+        return copy.deepcopy(self.blocks[len(self.blocks) - n_blocks:])
+
+    def _split(self, tails: Sequence[nn.ModuleList | None]) -> int:
+        """Number of leading blocks every branch shares."""
+        k = max((len(t) for t in tails if t is not None), default=0)
+        return len(self.blocks) - k
+
+    def _branch_blocks(self, tail: nn.ModuleList | None) -> list[nn.ModuleList]:
+        return list(self.blocks) if tail is None else list(self.blocks[: len(self.blocks) - len(tail)]) + list(tail)
+
+    def forward_branches(self, x: torch.Tensor, geom: PairGeometry,
+                         tails: Sequence[nn.ModuleList | None]) -> list[list[torch.Tensor]]:
+        """The block features (as `forward`) of each branch in `tails`."""
         inv_r, cut = self._radial(geom)
         shared = self.shared_pair_terms(geom)
-        out = [x]
-        for block in self.blocks:
-            x = block[0](x, geom, inv_r, cut, *shared)
-            if not self.resnet:
-                x = self.act(x)
-            for layer in block[1:]:
-                x = layer(x) if self.resnet else self.act(layer(x))
-            out.append(x)
-        return out
+        n_shared = self._split(tails)
+
+        def run(x: torch.Tensor, blocks: Sequence[nn.ModuleList]) -> list[torch.Tensor]:
+            out = []
+            for block in blocks:
+                x = block[0](x, geom, inv_r, cut, *shared)
+                if not self.resnet:
+                    x = self.act(x)
+                for layer in block[1:]:
+                    x = layer(x) if self.resnet else self.act(layer(x))
+                out.append(x)
+            return out
+
+        prefix = [x] + run(x, self.blocks[:n_shared])
+        return [prefix + run(prefix[-1], self._branch_blocks(t)[n_shared:]) for t in tails]
 
     # ---- explicit forces ----------------------------------------------------------------
     # The derivative of the energy with respect to the pair vectors, written out layer by
@@ -173,33 +206,53 @@ class HIPNN(nn.Module):
 
     def forward_explicit(self, x: torch.Tensor, geom: PairGeometry) -> tuple[list[torch.Tensor], dict]:
         """As `forward`, also returning the intermediates `pair_gradient` needs."""
+        return self.forward_explicit_branches(x, geom, [None])[0]
+
+    def forward_explicit_branches(self, x: torch.Tensor, geom: PairGeometry,
+                                  tails: Sequence[nn.ModuleList | None]) -> list[tuple[list[torch.Tensor], dict]]:
+        """`forward_explicit` of each branch in `tails`, the shared blocks run once."""
         inv_r, cut, dcut = self._radial(geom, derivative=True)
         shared = self.shared_pair_terms(geom)
-        out, saved = [x], []
-        for block in self.blocks:
-            inter = block[0].base if self.resnet else block[0]
-            a, saved_inter = inter.forward_explicit(x, geom, inv_r, cut, *shared)
-            h = self.act(a)
-            x = block[0].around(x, h) if self.resnet else h
-            pre = []
-            for layer in block[1:]:
-                lin = layer.base if self.resnet else layer
-                p = torch.nn.functional.linear(x, lin.weight, lin.bias)
-                pre.append(p)
-                h = self.act(p)
-                x = layer.around(x, h) if self.resnet else h
-            saved.append({"inter": saved_inter, "a": a, "pre": pre})
-            out.append(x)
-        return out, {"geom": geom, "radial": (inv_r, cut, dcut), "shared": shared, "blocks": saved}
+        n_shared = self._split(tails)
+
+        def run(x: torch.Tensor, blocks: Sequence[nn.ModuleList]) -> tuple[list[torch.Tensor], list[dict]]:
+            out, saved = [], []
+            for block in blocks:
+                inter = block[0].base if self.resnet else block[0]
+                a, saved_inter = inter.forward_explicit(x, geom, inv_r, cut, *shared)
+                h = self.act(a)
+                x = block[0].around(x, h) if self.resnet else h
+                pre = []
+                for layer in block[1:]:
+                    lin = layer.base if self.resnet else layer
+                    p = torch.nn.functional.linear(x, lin.weight, lin.bias)
+                    pre.append(p)
+                    h = self.act(p)
+                    x = layer.around(x, h) if self.resnet else h
+                saved.append({"inter": saved_inter, "a": a, "pre": pre})
+                out.append(x)
+            return out, saved
+
+        out0, saved0 = run(x, self.blocks[:n_shared])
+        prefix = [x] + out0
+        result = []
+        for t in tails:
+            modules = self._branch_blocks(t)
+            out1, saved1 = run(prefix[-1], modules[n_shared:])
+            cache = {"geom": geom, "radial": (inv_r, cut, dcut), "shared": shared, "blocks": saved0 + saved1,
+                     "modules": modules}
+            result.append((prefix + out1, cache))
+        return result
 
     def pair_gradient(self, cache: dict, feature_grads: list[torch.Tensor]) -> torch.Tensor:
         """dE/d(pair vector) (P, 3), given dE/d(features of block n) for every block
         (feature_grads[n]: (N, f_n) or (1, f_n), e.g. readout weights)."""
         geom: PairGeometry = cache["geom"]
+        modules = cache.get("modules", self.blocks)  # a branch's blocks (forward_explicit_branches)
         g = feature_grads[-1]
         g_r = g_dir = None
-        for n in range(len(self.blocks) - 1, -1, -1):
-            block, saved = self.blocks[n], cache["blocks"][n]
+        for n in range(len(modules) - 1, -1, -1):
+            block, saved = modules[n], cache["blocks"][n]
             for layer, p in zip(reversed(block[1:]), reversed(saved["pre"])):
                 lin = layer.base if self.resnet else layer
                 dact = activation_derivative(self.act, p)

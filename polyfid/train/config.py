@@ -52,6 +52,11 @@ class DataConfig:
     val_size: int | None = opt(None, "number of validation frames to hold out (overrides val_fraction)")
     train_size: int | None = opt(None, "use only this many training frames (after the validation split)")
     seed: int = opt(0, "seed of the train/validation split")
+    merge_tolerance: float | None = opt(
+        1e-6, "Å; frames of the same geometry (same atoms in the same order, same cell, pbc, charge and "
+        "multiplicity, every position within this) are merged into one frame carrying every file's label sets, "
+        "within train, validation and test each, before the validation split; null: no merging"
+    )
 
 
 @dataclass
@@ -78,12 +83,17 @@ class ModelConfig:
 @dataclass
 class TrainingConfig:
     epochs: int = opt(1000, "maximum number of epochs")
+    max_steps: int | None = opt(
+        None, "optimiser-step budget (null: none): training stops after this many steps, mid-epoch if need be, "
+        "and the cosine schedule and final_fraction count steps; a budget that reproduces on any machine"
+    )
     max_time_s: float | None = opt(None, "wall-clock training budget in seconds (null: none)")
     batch_size: int = opt(32, "frames per batch")
     lr: float = opt(1e-3, "initial learning rate (Adam)")
     weight_decay: float = opt(0.0, "Adam weight decay")
     scheduler: Literal["plateau", "cosine", "none"] = opt(
-        "plateau", "plateau: reduce on validation plateau; cosine: decay over max_time_s if set, else over epochs"
+        "plateau", "plateau: reduce on validation plateau; cosine: decay over max_steps if set, else over max_time_s "
+        "if set, else over epochs"
     )
     plateau_patience: int = opt(10, "evaluations without improvement before the learning rate is reduced")
     plateau_factor: float = opt(0.5, "factor applied to the learning rate on a plateau")
@@ -99,11 +109,17 @@ class TrainingConfig:
     huber_delta: float = opt(
         0.01, "huber: where the loss turns linear, in eV/atom (energy), eV/Å (forces), eV/Å³ (stress)"
     )
+    loss_balance: Literal["none", "rms"] = opt(
+        "none", "how the weighted terms (each kind of label at each fidelity) add up. none: weighted mean squares; "
+        "rms: the square root of each weighted term (weighted RMS errors, as in hippynn's multi-fidelity examples), "
+        "so that every term pulls in proportion to its relative error and a level with few energies is not "
+        "drowned by another level's forces"
+    )
     final_energy_weight: float | None = opt(
         None, "energy weight for the last part of training (e.g. 1000), null: unchanged; over the first 10 "
         "steps at that weight Adam's second moments are floored by the squared gradients (no burst of large steps)"
     )
-    final_fraction: float = opt(0.25, "fraction of the budget (time or epochs) that uses final_energy_weight")
+    final_fraction: float = opt(0.25, "fraction of the budget (steps, time or epochs) that uses final_energy_weight")
     fidelity_weights: dict = opt(
         {}, "per-fidelity multipliers of the loss weights, e.g. {mp2: {energy: 10.0, forces: 1.0}}"
     )
@@ -138,10 +154,11 @@ class TrainingConfig:
 class StrategyConfig:
     name: Literal["auto", "single", "multi-head", "embedding", "delta", "transfer"] = opt(
         "auto",
-        "how several levels of theory are combined. single: one fidelity (target); multi-head: one energy "
-        "head and reference energies per fidelity on a shared network; embedding: the fidelity enters as a "
-        "learned embedding, one head; delta: a base model on `base`, then a second model on target − base "
-        "where frames have both; transfer: pre-train on `base`, fine-tune on `target`. auto: single for "
+        "how several levels of theory are combined. single: one fidelity (target); multi-head: one network, trained "
+        "on every level at once, each level with its own energy head, reference energies and last interaction "
+        "block (fidelity_blocks), by default started from a model of the base level (warm_start); embedding: the "
+        "fidelity enters as a learned embedding, one head; delta: a base model on `base`, then a second model on "
+        "target − base where frames have both; transfer: pre-train on `base`, fine-tune on `target`. auto: single for "
         "one fidelity, else multi-head",
     )
     target: str | None = opt(None, "the fidelity predicted by default (the high level); null: the one with fewest "
@@ -151,13 +168,24 @@ class StrategyConfig:
         0.0, "multi-head: weight of a ridge penalty on the difference between each head and the base head "
         "(0: independent heads)"
     )
+    fidelity_blocks: int | None = opt(
+        None, "multi-head: how many of the network's last interaction blocks each fidelity owns (the first ones and "
+        "the atom embedding stay shared); null: 1 when the network has two or more interaction blocks, else 0; "
+        "0: every block shared, one linear head per fidelity (the earlier multi-head)"
+    )
     embedding_dim: int = opt(8, "embedding: size of the learned fidelity embedding")
-    warm_start: bool = opt(
-        False, "multi-head and embedding: first train the base level alone, then start every level from it"
+    warm_start: bool | None = opt(
+        None, "multi-head and embedding: first train the base level alone, then start every level from it; null: "
+        "on for multi-head, off for embedding"
     )
     second_stage: dict = opt(
         {}, "two-stage strategies (delta, transfer, warm-started multi-head/embedding): training options that "
-        "differ after the base stage (e.g. {lr: 3e-4, epochs: 200})"
+        "differ after the base stage (e.g. {lr: 3e-4, max_steps: 1000}); transfer and multi-head, whose second "
+        "stage starts from the base model's weights, use training.lr / 10 unless it names lr"
+    )
+    target_share: float | None = opt(
+        0.25, "multi-head: the share of the joint stage's draws from frames labelled at the target level when "
+        "training.sampling is empty (at least their share of the frames; null: in proportion to the frames)"
     )
     delta_model: dict = opt({}, "delta: model options that differ for the Δ model (e.g. {n_features: 32})")
     trainable: Literal["all", "head", "last"] = opt(
@@ -299,6 +327,8 @@ def _validate(obj: Any, where: str) -> None:
         for key in ("epochs", "batch_size", "eval_every"):
             if getattr(obj, key) < 1:
                 raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(obj, key)}")
+        if obj.max_steps is not None and obj.max_steps < 1:
+            raise ConfigError(f"{where}.max_steps: must be at least 1 or null, got {obj.max_steps}")
         if obj.lr <= 0:
             raise ConfigError(f"{where}.lr: must be positive, got {obj.lr}")
         if obj.huber_delta <= 0:
@@ -327,6 +357,10 @@ def _validate(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.head_tie: must be >= 0, got {obj.head_tie}")
         if obj.embedding_dim < 1:
             raise ConfigError(f"{where}.embedding_dim: must be at least 1, got {obj.embedding_dim}")
+        if obj.target_share is not None and not 0 < obj.target_share < 1:
+            raise ConfigError(f"{where}.target_share: must lie in (0, 1) or be null, got {obj.target_share}")
+        if obj.fidelity_blocks is not None and obj.fidelity_blocks < 0:
+            raise ConfigError(f"{where}.fidelity_blocks: must be >= 0 or null, got {obj.fidelity_blocks}")
     if isinstance(obj, MetaConfig):
         for key in ("outer_steps", "inner_steps", "tasks_per_step", "eval_every"):
             if getattr(obj, key) < 1:
@@ -342,8 +376,11 @@ def _validate(obj: Any, where: str) -> None:
         for name, w in obj.task_weights.items():
             if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
                 raise ConfigError(f"{where}.task_weights.{name}: expected a number >= 0, got {w!r}")
-    if isinstance(obj, DataConfig) and not 0 <= obj.val_fraction < 1:
-        raise ConfigError(f"{where}.val_fraction: must lie in [0, 1), got {obj.val_fraction}")
+    if isinstance(obj, DataConfig):
+        if not 0 <= obj.val_fraction < 1:
+            raise ConfigError(f"{where}.val_fraction: must lie in [0, 1), got {obj.val_fraction}")
+        if obj.merge_tolerance is not None and not 0 <= obj.merge_tolerance < float("inf"):
+            raise ConfigError(f"{where}.merge_tolerance: must be a number >= 0 (Å) or null, got {obj.merge_tolerance}")
 
 
 def load_config(source: str | Path | dict) -> Config:

@@ -25,7 +25,7 @@ from polyfid.data.batch import PackedData
 from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
 from polyfid.data.splits import split_indices
-from polyfid.models import atomic_write, build_potential, load_model, model_dict
+from polyfid.models import BranchedPotential, atomic_write, build_potential, load_model, model_dict
 from polyfid.models.potential import Potential
 from polyfid.train.config import ConfigError, OutputConfig, TrainingConfig, from_dict
 from polyfid.train.strategies import DTYPES, _freeze, _stage, restrict
@@ -120,6 +120,12 @@ def add_head(model: Potential, data: Dataset, fidelity: str, init: str = "best")
                 new.energy_scale[h_old] = model.energy_scale.mean()
     else:
         raise ConfigError(f"head init {init!r}: expected one of {HEAD_INITS} or a head of the model {model.fidelities}")
+    if isinstance(new, BranchedPotential):  # each head's own blocks; the new one's from the head it copies
+        with torch.no_grad():
+            for h in range(h_old):
+                new.own(h).load_state_dict(model.own(h).state_dict())
+            start = model.fidelities.index(source) if source is not None else 0
+            new.own(h_old).load_state_dict(model.own(start).state_dict())
     return new, source
 
 

@@ -65,16 +65,28 @@ def loss_terms(
     return terms
 
 
+#: below this a term counts as absent in the "rms" balance (its square root's slope stays finite)
+_RMS_FLOOR = 1e-30
+
+
 def total_loss(
     terms: dict[str, torch.Tensor],
     weights: dict[str, torch.Tensor | float],
     heads: Sequence[int] | None = None,
     deriv_heads: Sequence[int] | None = None,
+    balance: str = "none",
 ) -> torch.Tensor:
-    """Σ_k Σ_f w_{k,f} · term_{k,f}.
+    """Σ_k Σ_f w_{k,f} · term_{k,f}; with `balance="rms"`, Σ_k Σ_f √(w_{k,f} · term_{k,f}).
 
     A weight is a scalar or a tensor with one value per fidelity column; the columns of the
-    terms are `heads` (energy) and `deriv_heads` (forces, stress), as in `loss_terms`."""
+    terms are `heads` (energy) and `deriv_heads` (forces, stress), as in `loss_terms`.
+
+    "rms" sums weighted RMS errors instead of weighted mean squares (as hippynn's multi-fidelity
+    examples do): the gradient of √t is ∇t / 2√t, so each term pulls in proportion to its
+    relative, not its absolute, error, and a level with few energies is not drowned by another
+    level's forces. A term that is 0 (no labels of that kind in the batch) adds nothing."""
+    if balance not in ("none", "rms"):
+        raise ValueError(f"unknown loss balance {balance!r}; expected 'none' or 'rms'")
     total = None
     for k, v in terms.items():
         w = weights.get(k, 0.0)
@@ -82,7 +94,8 @@ def total_loss(
             cols = heads if k == "energy" else (deriv_heads if deriv_heads is not None else heads)
             if cols is not None:
                 w = w[list(cols)]
-        t = (v * w).sum()
-        total = t if total is None else total + t
+        t = v * w
+        t = t.clamp_min(_RMS_FLOOR).sqrt() * (t > 0) if balance == "rms" else t
+        total = t.sum() if total is None else total + t.sum()
     assert total is not None
     return total

@@ -161,7 +161,8 @@ class ReptileTrainer:
         self.model.train()
         for _ in range(self.mc.inner_steps):
             batch = data.batch(np.sort(rng.choice(data.n_frames, size=bs, replace=False))).to(self.device)
-            loss, *_ = step_loss(self.model, batch, self.weights, forces, stress, self.tc.loss, self.tc.huber_delta)
+            loss, *_ = step_loss(self.model, batch, self.weights, forces, stress, self.tc.loss, self.tc.huber_delta,
+                                 self.tc.loss_balance)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.tc.grad_clip:

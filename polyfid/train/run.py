@@ -34,11 +34,10 @@ def load_spec(spec: DatasetSpec) -> Dataset:
     return ds
 
 
-def load_specs(specs: list[DatasetSpec]) -> Dataset:
-    out = Dataset([])
-    for s in specs:
-        out = out + load_spec(s)
-    return out
+def load_specs(specs: list[DatasetSpec], merge_tolerance: float | None = 1e-6) -> Dataset:
+    """Read the data sets and merge them: the same geometry in several files is one frame with
+    every file's label sets (`Dataset.merge`; None: concatenate)."""
+    return Dataset.merge([load_spec(s) for s in specs], tolerance=merge_tolerance)
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, Dataset]:
@@ -46,10 +45,10 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, Dataset]:
     `seed`) when none is configured."""
     if not cfg.train:
         raise DataError("no training data: set data.train to a file or a list of data sets")
-    train = load_specs(cfg.train)
-    test = load_specs(cfg.test)
+    train = load_specs(cfg.train, cfg.merge_tolerance)
+    test = load_specs(cfg.test, cfg.merge_tolerance)
     if cfg.validation:
-        val = load_specs(cfg.validation)
+        val = load_specs(cfg.validation, cfg.merge_tolerance)
     else:
         n_val = cfg.val_size if cfg.val_size is not None else int(round(cfg.val_fraction * len(train)))
         if n_val >= len(train):

@@ -19,7 +19,16 @@ import torch
 from polyfid.data.batch import PackedData
 from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Labels
-from polyfid.models import DeltaPotential, Potential, atomic_write, build_potential, load_model, model_dict
+from polyfid.data.merge import files_per_fidelity
+from polyfid.models import (
+    BranchedPotential,
+    DeltaPotential,
+    Potential,
+    atomic_write,
+    build_potential,
+    load_model,
+    model_dict,
+)
 from polyfid.train.config import Config, ConfigError, StrategyConfig, TrainingConfig, from_dict
 from polyfid.train.trainer import BEST_MODEL, Trainer, TrainState
 
@@ -96,6 +105,14 @@ def resolve_levels(sc: StrategyConfig, ds: Dataset) -> tuple[str, str, str | Non
     return name, target, base
 
 
+def warm_starts(sc: StrategyConfig, name: str, n_fidelities: int) -> bool:
+    """Whether multi-head / embedding first train the base level alone (strategy.warm_start;
+    null: multi-head with two or more levels)."""
+    if name not in ("multi-head", "embedding") or n_fidelities < 2:
+        return False
+    return sc.warm_start if sc.warm_start is not None else name == "multi-head"
+
+
 def frame_weights(ds: Dataset, sampling: dict[str, float]) -> np.ndarray | None:
     """Sampling weight of each frame such that the frames labelled at fidelity f make up a
     share `sampling[f]` of the draws; a frame with several levels counts for its rarest
@@ -119,6 +136,18 @@ def frame_weights(ds: Dataset, sampling: dict[str, float]) -> np.ndarray | None:
     if not w.any():
         raise ConfigError("training.sampling leaves no frame with a positive weight")
     return w
+
+
+def _no_shared_geometry(ds: Dataset, target: str, base: str, tolerance: float | None) -> str:
+    """The message for delta without a geometry labelled at both levels."""
+    files = files_per_fidelity(ds)
+    where = "; ".join(f"{f!r} from {', '.join(files.get(f, ['(none)']))}" for f in (target, base))
+    merge = (f"positions within data.merge_tolerance = {tolerance:g} Å" if tolerance is not None
+             else "data.merge_tolerance is null, so files are not merged")
+    return (f"strategy delta learns {target} − {base} on geometries labelled at both levels, and no training "
+            f"frame has labels at both ({where}). A geometry in two files is one frame when its atoms are in the "
+            f"same order with {merge}: label the high level on geometries of the low-level file, or use "
+            f"strategy transfer or multi-head, which need no shared geometry")
 
 
 # ---- one training stage --------------------------------------------------------------------
@@ -166,8 +195,22 @@ def _stage_shares(sampling: dict[str, float], fids: list[str]) -> dict[str, floa
     return {} if len(fids) < 2 else {k: v for k, v in sampling.items() if k in fids}
 
 
-def _second_stage_config(tc: TrainingConfig, overrides: dict) -> TrainingConfig:
-    return from_dict(TrainingConfig, asdict(tc) | dict(overrides), "strategy.second_stage")
+def _second_stage_config(tc: TrainingConfig, overrides: dict, name: str) -> TrainingConfig:
+    """The training options after the base stage: strategy.second_stage over training; the stages
+    that start from the base model's weights (transfer, multi-head) at a tenth of the learning
+    rate unless it is named (fine-tuning at the first stage's rate undid what the base level
+    taught: benchmarks/multifidelity.py --phase select)."""
+    default = {"lr": tc.lr / 10} if name in ("transfer", "multi-head") else {}
+    return from_dict(TrainingConfig, asdict(tc) | default | dict(overrides), "strategy.second_stage")
+
+
+def _with_target_share(tc: TrainingConfig, sc: StrategyConfig, ds: Dataset, target: str) -> TrainingConfig:
+    """Multi-head's joint stage: frames labelled at the target level make up at least
+    strategy.target_share of the draws, unless training.sampling says otherwise."""
+    if tc.sampling or sc.target_share is None or len(ds.fidelities) < 2:
+        return tc
+    natural = sum(1 for f in ds if target in f.labels) / max(len(ds), 1)
+    return replace(tc, sampling={target: max(sc.target_share, natural)})
 
 
 def _species(*sets: Dataset) -> list[int]:
@@ -200,7 +243,8 @@ def fit_strategy(
     torch.manual_seed(tc.seed)
     stages: dict[str, TrainState] = {}
 
-    warm = name in ("multi-head", "embedding") and (sc.warm_start or base_model is not None)
+    warm = name in ("multi-head", "embedding") and (warm_starts(sc, name, len(train_ds.fidelities))
+                                                     or base_model is not None)
     if name == "single" or (name in ("multi-head", "embedding") and not warm):
         fids = [target] if name == "single" else train_ds.fidelities
         best, stages["train"] = _one_network(cfg, name, fids, train_ds, val_ds, out, resume, target, base, species)
@@ -217,14 +261,14 @@ def fit_strategy(
                                             metadata={"strategy": "single", "target": base})
     elif base not in base_model.fidelities:
         raise ConfigError(f"the given base model has fidelities {base_model.fidelities}, not {base!r}")
-    tc2 = _second_stage_config(tc, sc.second_stage)
+    tc2 = _second_stage_config(tc, sc.second_stage, name)
     torch.manual_seed(tc2.seed)
     meta = {"strategy": name, "target": target, "base": base}
 
     if name == "delta":
         tr_d = delta_dataset(train_ds, target, base)
         if not len(tr_d):
-            raise DataError(f"delta: no training frame has labels at both {target!r} and {base!r}")
+            raise DataError(_no_shared_geometry(train_ds, target, base, cfg.data.merge_tolerance))
         va_d = delta_dataset(val_ds, target, base) if val_ds is not None else None
         d_cfg = model_cfg | dict(sc.delta_model)
         delta = build_potential(d_cfg, species, [target])
@@ -264,9 +308,13 @@ def _one_network(cfg, name, fids, train_ds, val_ds, out, resume, target, base, s
     sc, tc = cfg.strategy, tc or cfg.training
     model_cfg = asdict(cfg.model)
     tr = restrict(train_ds, fids)
+    if name == "multi-head":
+        tc = _with_target_share(tc, sc, tr, target)
     va = restrict(val_ds, fids) if val_ds is not None else None
     if name == "embedding":
         model_cfg["fidelity_embedding"] = sc.embedding_dim
+    if name == "multi-head" and len(fids) > 1:
+        model_cfg["fidelity_blocks"] = own_blocks(sc, cfg.model.n_interactions)
     model = build_potential(model_cfg, species, fids)
     if start is not None:
         warm_start(model, start, start.head_index(base))
@@ -277,6 +325,16 @@ def _one_network(cfg, name, fids, train_ds, val_ds, out, resume, target, base, s
     meta = {"strategy": name, "target": target, "base": base}
     return _stage(model, tr, va, tc, out, model_cfg, cfg.output, resume, regularizer=reg, metadata=meta,
                   energy_scale=scale)
+
+
+def own_blocks(sc: StrategyConfig, n_interactions: int) -> int:
+    """The interaction blocks each fidelity of a multi-head model owns (strategy.fidelity_blocks)."""
+    if sc.fidelity_blocks is None:
+        return 1 if n_interactions > 1 else 0
+    if sc.fidelity_blocks >= n_interactions:
+        raise ConfigError(f"strategy.fidelity_blocks: {sc.fidelity_blocks}, but the network has {n_interactions} "
+                          f"interaction block(s) and at least one stays shared: give 0..{n_interactions - 1}")
+    return sc.fidelity_blocks
 
 
 @torch.no_grad()
@@ -299,6 +357,8 @@ def warm_start(model: Potential, source: Potential, col: int) -> None:
         n = min(d.shape[1], s_.shape[0])
         d[:, :n] = s_[:n].to(d)
     model.readout.bias.fill_(float(source.readout.bias[col]))
+    if isinstance(model, BranchedPotential):
+        model.sync_tails()  # every fidelity's own blocks start as the source's last blocks
 
 
 def _freeze(model: Potential, trainable: str) -> None:
@@ -310,3 +370,6 @@ def _freeze(model: Potential, trainable: str) -> None:
     if trainable == "last":
         for p in model.representation.blocks[-1].parameters():
             p.requires_grad_(True)
+    if isinstance(model, BranchedPotential):  # each fidelity's own blocks are the backbone's last ones
+        for p in model.tails.parameters():
+            p.requires_grad_(trainable == "last")

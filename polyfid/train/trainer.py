@@ -1,4 +1,4 @@
-"""The training loop: Adam, schedules (plateau; cosine over epochs or a wall-clock budget),
+"""The training loop: Adam, schedules (plateau; cosine over epochs, optimiser steps or a wall-clock budget),
 early stopping, gradient clipping, EMA, CSV and TensorBoard logs, atomic checkpoints.
 
 Resuming is exact: the batch order of epoch e is a function of (seed, e) only, and each
@@ -44,6 +44,7 @@ class TrainState:
     """Everything besides tensors that a resumed run needs."""
 
     epoch: int = 0  # epochs finished
+    step: int = 0  # optimiser steps taken
     elapsed_s: float = 0.0  # wall-clock seconds of training so far (budget clock)
     lr: float = 0.0
     best_val: float = math.inf
@@ -52,6 +53,8 @@ class TrainState:
     early_bad: int = 0
     stopped: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
+    # steps taken in the final (energy-weight) phase after a step before it; -1: no step before it yet
+    final_steps: int = -1
 
 
 def batch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None = None,
@@ -86,11 +89,12 @@ def loss_weights(
 
 def step_loss(
     model: Potential, batch, weights: dict[str, torch.Tensor], forces: bool, stress: bool,
-    loss: str = "mse", huber_delta: float = 0.01,
+    loss: str = "mse", huber_delta: float = 0.01, balance: str = "none",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[int], list[int] | None]:
     """The training loss of one batch (with the graph for backward), its terms per fidelity,
     the columns with labels and the columns whose derivatives were taken (None: none).
-    `loss`, `huber_delta`: the per-entry loss (losses.pointwise)."""
+    `loss`, `huber_delta`: the per-entry loss (losses.pointwise); `balance`: how the terms add
+    up (losses.total_loss)."""
     # columns with labels in this batch; derivatives only where forces/stress are labelled
     labelled = batch.energy_mask.any(0) | batch.forces_mask.any(0) | batch.stress_mask.any(0)
     heads = labelled.nonzero().flatten().tolist()
@@ -100,7 +104,7 @@ def step_loss(
                  heads=dheads if deriv else None, energy_heads=heads)
     d = dheads if deriv else None
     terms = loss_terms(pred, batch, heads, d, loss, huber_delta)
-    return total_loss(terms, weights, heads, d), terms, heads, d
+    return total_loss(terms, weights, heads, d, balance), terms, heads, d
 
 
 def validation_loss(metrics: dict[str, Any], cfg: TrainingConfig, fidelities: list[str]) -> float:
@@ -159,11 +163,13 @@ class Trainer:
         self._writer = None
         self._last_checkpoint = -float("inf")
         self._weight_cache: dict[bool, dict[str, torch.Tensor]] = {}
-        self._final_steps: int | None = None  # steps taken in the final phase by this run (None: not seen)
 
     # ---- schedule ---------------------------------------------------------------------
     def progress_fraction(self, step_in_epoch: int, steps_per_epoch: int) -> float:
-        """Fraction of the budget used: wall-clock if max_time_s is set, else epochs."""
+        """Fraction of the budget used: optimiser steps if max_steps is set, else wall-clock if
+        max_time_s is set, else epochs."""
+        if self.cfg.max_steps:
+            return min(self.state.step / self.cfg.max_steps, 1.0)
         if self.cfg.max_time_s:
             return min(self.state.elapsed_s / self.cfg.max_time_s, 1.0)
         return min((self.state.epoch + step_in_epoch / steps_per_epoch) / self.cfg.epochs, 1.0)
@@ -197,13 +203,16 @@ class Trainer:
         several times the learning rate for hundreds of steps, which threw the force loss of
         rMD17 aspirin up 5x at the switch (HIP-NN and HIP-HOP-NN alike) and cost much of the
         final phase to recover. The floor gives the new loss's gradients their own scale at once.
-        A run resumed inside the final phase keeps the checkpoint's estimates."""
+        A run that starts in the final phase (final_fraction 1) has no switch and no floor. The
+        count is in the checkpoint, so a run resumed at or just after the switch floors the same
+        steps as one that was not interrupted."""
+        s = self.state
         if not final:
-            self._final_steps = 0
+            s.final_steps = 0
             return
-        if self._final_steps is None or self._final_steps >= FLOOR_STEPS:
+        if not 0 <= s.final_steps < FLOOR_STEPS:
             return
-        self._final_steps += 1
+        s.final_steps += 1
         with torch.no_grad():
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
@@ -232,13 +241,16 @@ class Trainer:
             self.state.elapsed_s = elapsed_start + (time.perf_counter() - t_start)
             if self.cfg.max_time_s and self.state.elapsed_s >= self.cfg.max_time_s:
                 break
+            if self.cfg.max_steps and self.state.step >= self.cfg.max_steps:
+                break
             frac = self.progress_fraction(k, n_steps)
             lr = self._lr(frac)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             batch = self.train.batch(order[k * bs : (k + 1) * bs]).to(self.device)
             loss, terms, heads, dheads = step_loss(
-                self.model, batch, self._weights(frac), forces, stress, self.cfg.loss, self.cfg.huber_delta)
+                self.model, batch, self._weights(frac), forces, stress, self.cfg.loss, self.cfg.huber_delta,
+                self.cfg.loss_balance)
             if self.regularizer is not None:
                 loss = loss + self.regularizer()
             self.optimizer.zero_grad(set_to_none=True)
@@ -247,6 +259,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self._second_moment_floor(self._final(frac))
             self.optimizer.step()
+            self.state.step += 1
             if self.ema is not None:
                 self.ema.update()
             fids = self.train.fidelities
@@ -288,6 +301,8 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "state": {
                 "epoch": s.epoch,
+                "step": s.step,
+                "final_steps": s.final_steps,
                 "elapsed_s": s.elapsed_s,
                 "lr": s.lr,
                 "best_val": s.best_val,
@@ -314,7 +329,8 @@ class Trainer:
         if self.ema is not None and ck["ema"] is not None:
             self.ema.load_state_dict(ck["ema"])
         st = ck["state"]
-        self.state = TrainState(**{k: st[k] for k in TrainState.__dataclass_fields__})
+        # checkpoints written before step budgets lack step and final_steps: the defaults
+        self.state = TrainState(**{k: st[k] for k in TrainState.__dataclass_fields__ if k in st})
         return True
 
     def save_best_model(self) -> None:
@@ -366,7 +382,7 @@ class Trainer:
             s.stopped = "early stopping"
 
     def fit(self, resume: bool = False) -> TrainState:
-        """Train until the epoch limit, the time budget or early stopping; returns the state.
+        """Train until the epoch limit, the step limit, the time budget or early stopping; returns the state.
 
         With resume=True, continue from out/checkpoint.pt (if there is one). Subnormal floats
         are flushed to zero meanwhile where cfg.flush_denormal says so (polyfid.numerics)."""
@@ -376,7 +392,7 @@ class Trainer:
     def _fit(self, resume: bool) -> TrainState:
         if resume and self.load_checkpoint():
             print(f"resuming from {self.out / CHECKPOINT} after epoch {self.state.epoch}")
-            if self.state.stopped in ("epoch limit", "time budget"):
+            if self.state.stopped in ("epoch limit", "step limit", "time budget"):
                 self.state.stopped = ""  # the limits may have been raised: re-checked below
         from tqdm.auto import tqdm
 
@@ -389,12 +405,16 @@ class Trainer:
                 if self.cfg.max_time_s and self.state.elapsed_s >= self.cfg.max_time_s:
                     self.state.stopped = "time budget"
                     break
+                if self.cfg.max_steps and self.state.step >= self.cfg.max_steps:
+                    self.state.stopped = "step limit"
+                    break
                 t0, e0 = time.perf_counter(), self.state.elapsed_s
                 row: dict[str, float] = {"epoch": self.state.epoch + 1}
                 row |= self.train_epoch(t0, e0)
                 row["lr"] = self.optimizer.param_groups[0]["lr"]
                 self.state.epoch += 1
-                if self.state.epoch % self.cfg.eval_every == 0 or self.state.epoch == self.cfg.epochs:
+                last = self.state.epoch == self.cfg.epochs or self.state.step == self.cfg.max_steps
+                if self.state.epoch % self.cfg.eval_every == 0 or last:
                     val = self.validate()
                     row |= val
                     self._after_validation(val)

@@ -26,7 +26,7 @@ SMALL = {
 SPECIES = [1, 6, 8]
 
 
-KINDS = ("heads", "embedding", "delta")
+KINDS = ("heads", "branched", "embedding", "delta")
 
 
 def _randomize(m):
@@ -47,6 +47,13 @@ def model(request):
         return DeltaPotential(base, _randomize(build_potential(cfg, SPECIES, ["b"])), "b", "a").double()
     if kind == "embedding":
         cfg["fidelity_embedding"] = 3
+    if kind == "branched":
+        cfg["fidelity_blocks"] = 1
+        m = _randomize(build_potential(cfg, SPECIES, ["a", "b"]))
+        with torch.no_grad():  # the branches differ: b's own last block moved off a's
+            for p in m.tails.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        return m.double()
     return _randomize(build_potential(cfg, SPECIES, ["a", "b"])).double()
 
 
@@ -58,6 +65,9 @@ def perturb_head(model, h: int) -> None:
             model.delta.readout.weight.add_(1.0)
         elif hasattr(model, "fidelity_embedding"):
             model.fidelity_embedding[h].add_(1.0)
+        elif hasattr(model, "tails") and h > 0:
+            for p in model.tails[h - 1].parameters():
+                p.add_(0.3)
         else:
             model.readout.weight[h].add_(1.0)
 

@@ -3,6 +3,8 @@ at the level asked; sampling shares, head ties, Δ targets and the error message
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import ase.io
 import numpy as np
 import pytest
@@ -15,10 +17,18 @@ from polyfid.calculators.ase import PolyfidCalculator
 from polyfid.data.batch import PackedData
 from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
-from polyfid.models import DeltaPotential, build_potential, load_model
+from polyfid.models import BranchedPotential, DeltaPotential, Potential, build_potential, load_model
 from polyfid.train.config import ConfigError, TrainingConfig, load_config
 from polyfid.train.run import run_training
-from polyfid.train.strategies import delta_dataset, fit_strategy, frame_weights, resolve_levels, restrict
+from polyfid.train.strategies import (
+    _with_target_share,  # noqa: E402
+    delta_dataset,
+    fit_strategy,
+    frame_weights,
+    resolve_levels,
+    restrict,
+    warm_start,
+)
 from polyfid.train.trainer import Trainer, batch_order
 
 MODEL = {"n_features": 8, "n_sensitivities": 4, "n_interactions": 1, "n_atom_layers": 1, "cutoff": 3.0}
@@ -204,3 +214,93 @@ def test_a_level_without_energies_cannot_get_references(tmp_path) -> None:
     cfg = load_config(config(tmp_path, "multi-head"))
     with pytest.raises(DataError, match="'hi' has no energies"):
         fit_strategy(cfg, ds, None, tmp_path / "x")
+
+
+MODEL2 = MODEL | {"n_interactions": 2}
+
+
+def test_multi_head_gives_each_level_its_own_last_block_started_from_the_base_model(tmp_path) -> None:
+    """The default multi-head: a base-level model first, then one network in which each level owns
+    its last interaction block (a copy of the base model's) and head, all levels trained together
+    at a tenth of the learning rate, the target level a quarter of the draws."""
+    ds = two_level_data(n=24, n_hi=4)
+    cfg = config(tmp_path, "multi-head", target="hi", base="lo")
+    cfg["model"] = MODEL2
+    res = fit_strategy(load_config(cfg), ds, None, tmp_path / "m")
+    assert set(res.stages) == {"base", "train"}
+    model = load_model(res.path)
+    assert isinstance(model, BranchedPotential) and model.fidelities == ["lo", "hi"] and model.own_blocks == 1
+    # the shared first block and both levels' own last blocks moved off the base model, differently
+    base = load_model(tmp_path / "m" / "base" / "model.pt")
+    own_lo, own_hi = model.own(0).state_dict(), model.own(1).state_dict()
+    assert any(not torch.equal(own_lo[k], own_hi[k]) for k in own_lo)
+    assert not torch.equal(model.representation.blocks[0][0].base.weight, base.representation.blocks[0][0].base.weight)
+    # one level through ASE (its own branch only) is what predict gives for that level
+    mols = toy_molecules(2, seed=4)
+    for fid in ("lo", "hi"):
+        atoms = mols[0].copy()
+        atoms.calc = PolyfidCalculator(res.path, fidelity=fid)
+        ref = predict(model, mols, fidelity=fid)[0]
+        assert atoms.get_potential_energy() == pytest.approx(ref["energy"], rel=1e-6)
+        np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=1e-5, atol=1e-6)
+    # the joint stage ran at training.lr / 10, with the target level's share raised to 0.25
+    tr = res.stages["train"]
+    assert tr.history[0]["lr"] == pytest.approx(1e-4, rel=1e-6)
+    with open(tmp_path / "m" / "train" / "metrics.csv") as fh:
+        assert "train_energy_hi" in fh.readline()
+    sc, tc = load_config(cfg).strategy, load_config(cfg).training
+    assert _with_target_share(tc, sc, ds, "hi").sampling == {"hi": 0.25}  # 4 of 24 frames: raised to 0.25
+    assert _with_target_share(tc, sc, two_level_data(n=8, n_hi=4), "hi").sampling == {"hi": 0.5}  # already more
+    assert _with_target_share(replace(tc, sampling={"lo": 0.9}), sc, ds, "hi").sampling == {"lo": 0.9}
+
+
+def test_a_warm_started_branched_model_starts_at_the_base_model_at_every_level(tmp_path) -> None:
+    ds = two_level_data()
+    base = build_potential(MODEL2, ds.elements, ["lo"])
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = build_potential(MODEL2 | {"fidelity_blocks": 1}, ds.elements, ["lo", "hi"])
+    warm_start(model, base, 0)
+    mols = toy_molecules(2, seed=5)
+    p0 = predict(base, mols)
+    for fid in ("lo", "hi"):
+        for a, b in zip(predict(model, mols, fidelity=fid), p0):
+            np.testing.assert_allclose(a["energy"], b["energy"], rtol=1e-6)
+            np.testing.assert_allclose(a["forces"], b["forces"], rtol=1e-5, atol=1e-6)
+
+
+def test_fidelity_blocks_choose_between_the_branched_and_the_earlier_multi_head(tmp_path) -> None:
+    ds = two_level_data()
+    for blocks, kind in ((0, Potential), (1, BranchedPotential)):
+        cfg = config(tmp_path, "multi-head", target="hi", base="lo", fidelity_blocks=blocks)
+        cfg["model"], cfg["training"]["epochs"] = MODEL2, 1
+        res = fit_strategy(load_config(cfg), ds, None, tmp_path / f"b{blocks}")
+        assert type(res.model) is kind
+    cfg = config(tmp_path, "multi-head", target="hi", base="lo", fidelity_blocks=2)
+    cfg["model"] = MODEL2
+    with pytest.raises(ConfigError, match=r"fidelity_blocks: 2, but the network has 2 interaction block\(s\)"):
+        fit_strategy(load_config(cfg), ds, None, tmp_path / "b2")
+    # one interaction block: nothing to branch, the one-head-per-level multi-head
+    res = fit_strategy(load_config(config(tmp_path, "multi-head", target="hi", base="lo")), ds, None, tmp_path / "b")
+    assert type(res.model) is Potential
+
+
+def test_finetuning_a_branched_model_gives_the_new_level_a_copy_of_the_closest_levels_blocks(tmp_path) -> None:
+    from polyfid.train.finetune import add_head
+
+    ds = two_level_data()
+    model = build_potential(MODEL2 | {"fidelity_blocks": 1}, ds.elements, ["lo", "hi"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    new_data = Dataset([Frame(f.numbers, f.positions, {"new": Labels(f.labels["lo"].energy + 1.0,
+                                                                     f.labels["lo"].forces)}) for f in ds])
+    new, source = add_head(model, new_data, "new", init="lo")
+    assert source == "lo" and isinstance(new, BranchedPotential) and new.fidelities == ["lo", "hi", "new"]
+    mols = toy_molecules(2, seed=3)
+    for fid in ("lo", "hi"):  # the old levels predict what they did
+        for a, b in zip(predict(new, mols, fidelity=fid), predict(model, mols, fidelity=fid)):
+            np.testing.assert_allclose(a["forces"], b["forces"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(predict(new, mols, fidelity="new"), predict(model, mols, fidelity="lo")):
+        np.testing.assert_allclose(a["forces"], b["forces"], rtol=1e-5, atol=1e-6)

@@ -96,6 +96,27 @@ def test_huber_terms_replace_squares_in_every_fidelity() -> None:
     assert (hub["forces"] <= mse["forces"] + 1e-12).all()  # huber never exceeds the square
 
 
+def test_rms_balance_sums_the_roots_of_the_weighted_terms() -> None:
+    """loss_balance "rms": Σ √(w·t) over kinds and fidelities; a term that is 0 (no labels of
+    that kind in the batch) adds nothing and leaves a finite gradient; each present term's
+    gradient is ∇t / 2√t, independent of the size of t."""
+    terms = {"energy": torch.tensor([0.04, 0.0], dtype=torch.float64, requires_grad=True),
+             "forces": torch.tensor([0.25, 1e-6], dtype=torch.float64, requires_grad=True)}
+    weights = {"energy": torch.tensor([1.0, 9.0], dtype=torch.float64), "forces": 4.0}
+    total = total_loss(terms, weights, balance="rms")
+    assert total.item() == pytest.approx(0.2 + 0.0 + 2.0 * 0.5 + 2.0 * 1e-3)
+    total.backward()
+    assert torch.isfinite(terms["energy"].grad).all() and terms["energy"].grad[1].item() == 0.0
+    assert terms["energy"].grad[0].item() == pytest.approx(1.0 / (2 * 0.2))
+    assert terms["forces"].grad.tolist() == pytest.approx([2.0 / (2 * 0.5), 2.0 / (2 * 1e-3)])
+    plain = total_loss({k: v.detach() for k, v in terms.items()}, weights)
+    assert plain.item() == pytest.approx(0.04 + 4 * (0.25 + 1e-6))
+    with pytest.raises(ValueError, match="unknown loss balance 'max'"):
+        total_loss(terms, weights, balance="max")
+    with pytest.raises(ConfigError, match=r"loss_balance: 'max' is not one of \['none', 'rms'\]"):
+        load_config({"training": {"loss_balance": "max"}})
+
+
 def test_reference_energies_per_fidelity_from_own_data() -> None:
     rng = np.random.default_rng(0)
     true = {"a": {1: -13.6, 6: -1030.0, 8: -2040.0}, "b": {1: -10.0, 6: -900.0, 8: -2500.0}}
@@ -188,7 +209,7 @@ def test_adam_second_moments_follow_the_switch_to_the_final_energy_weight(tmp_pa
                           for p in params if "exp_avg_sq" in tr.optimizer.state.get(p, {}))
             out = adam_step(*args, **kwargs)
             moved = max(float((p.detach() - b).abs().max()) for p, b in zip(params, before))
-            seen.append((tr._final_steps, moved / tr.optimizer.param_groups[0]["lr"], floored))
+            seen.append((tr.state.final_steps, moved / tr.optimizer.param_groups[0]["lr"], floored))
             return out
 
         tr.optimizer.step = step
@@ -202,6 +223,47 @@ def test_adam_second_moments_follow_the_switch_to_the_final_energy_weight(tmp_pa
     assert start == 48 and counts[start:start + 10] == list(range(1, 11)) and set(counts[start + 10:]) == {10}
     assert all(f for _, _, f in with_floor[start:start + 10])
     assert max(m for _, m, _ in with_floor[start:start + 5]) < max(m for _, m, _ in without[start:start + 5])
+
+
+def test_step_budget_stops_mid_epoch_and_schedules_by_steps(tmp_path) -> None:
+    """max_steps: 4 steps per epoch (16 frames, batch 4), 10 steps end in the third epoch; the
+    cosine schedule reaches min_lr and the final energy weight starts at 3/4 of the steps."""
+    tr = _trainer(tmp_path, epochs=100, max_steps=10, scheduler="cosine", lr=1e-3, min_lr=1e-5,
+                  final_energy_weight=1000.0, final_fraction=0.2)
+    finals = []
+    loss_w = tr._weights
+    tr._weights = lambda frac: finals.append(tr._final(frac)) or loss_w(frac)
+    state = tr.fit()
+    assert state.stopped == "step limit" and state.step == 10 and state.epoch == 3
+    assert [h["train_steps"] for h in state.history] == [4, 4, 2]
+    assert finals == [False] * 8 + [True] * 2  # fraction 8/10 is the switch
+    assert math.isclose(tr._lr(tr.progress_fraction(0, 4)), 1e-5)
+    # a finished run resumed with a larger budget continues where it stopped
+    tr2 = _trainer(tmp_path, epochs=100, max_steps=12, scheduler="cosine")
+    assert tr2.fit(resume=True).step == 12
+    with pytest.raises(ConfigError, match=r"max_steps: must be at least 1"):
+        load_config({"training": {"max_steps": 0}})
+
+
+@pytest.mark.parametrize("split_epoch", [3, 4, 5])
+def test_resume_is_exact_across_the_switch_to_the_final_energy_weight(tmp_path, split_epoch) -> None:
+    """A step budget of 20 (4 steps per epoch) switches to the final energy weight at step 12,
+    the start of epoch 4: a run stopped after epoch 3 (just before the switch), 4 or 5 and
+    resumed ends with the weights, optimiser and EMA of one that was not stopped."""
+    cfg = dict(epochs=100, max_steps=20, scheduler="cosine", lr=3e-3, final_energy_weight=1000.0,
+               final_fraction=0.4, checkpoint_interval_s=0.0)
+    straight = _trainer(tmp_path / "straight", **cfg)
+    straight.fit()
+    first = _trainer(tmp_path / "split", **(cfg | {"epochs": split_epoch}))
+    assert first.fit().stopped == "epoch limit"
+    resumed = _trainer(tmp_path / "split", **cfg)
+    state = resumed.fit(resume=True)
+    assert state.step == 20 and state.final_steps == 8
+    a, b = straight.checkpoint_dict(), resumed.checkpoint_dict()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for x, y in zip(a["ema"]["shadow"], b["ema"]["shadow"], strict=True):
+        assert torch.equal(x, y)
 
 
 def test_time_budget_stops_training(tmp_path) -> None:

@@ -19,12 +19,13 @@ qm22        QM-22 xyz (energy line, gradient columns)       ``.xyz`` whose secon
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
+from polyfid.data.merge import MERGE_TOLERANCE
 from polyfid.data.readers.ase_io import read_ase, read_ase_db
 from polyfid.data.readers.hdf5 import read_hdf5
 from polyfid.data.readers.label_store import read_label_store
@@ -77,14 +78,30 @@ def detect_format(path: str | Path) -> str:
     return "ase"
 
 
-def read(path: str | Path, format: str | None = None, fidelity: str | None = None, **options: Any) -> Dataset:
+def read(
+    path: str | Path | Sequence[str | Path],
+    format: str | None = None,
+    fidelity: str | None = None,
+    merge_tolerance: float | None = MERGE_TOLERANCE,
+    **options: Any,
+) -> Dataset:
     """Read `path` into a Dataset (eV, Å), with the reader for `format` or the detected one.
 
     `fidelity` names the level of theory of single-level files (default ``"default"``); for
     multi-level files (rMD17, PYSEQM) it selects levels by name. `options` go to the reader (see
     each reader's docstring: units, key names, index, levels). Raises DataError for a missing path,
     an unknown format, or malformed data.
+
+    A list of paths reads each with the same options and merges them (`Dataset.merge`): the same
+    geometry in two files, within `merge_tolerance` Å, becomes one frame with the label sets of
+    both (None: concatenate). Files at different levels need different fidelity names: read them
+    one by one and pass them to `Dataset.merge`, or name each in a training configuration.
     """
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise DataError("read: an empty list of paths")
+        parts = [read(p, format=format, fidelity=fidelity, **options) for p in path]
+        return Dataset.merge(parts, tolerance=merge_tolerance)
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
