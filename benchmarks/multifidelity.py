@@ -144,6 +144,13 @@ for _name, _second, _share, _extra in (("", {}, 0.25, {}), ("_lr3e-4", {"lr": 3e
     VARIANTS[f"mhb{_name}"] = {"strategy": {"name": "multi-head", "warm_start": not _extra.get("scratch"),
                                             "fidelity_blocks": 1, "second_stage": _second},
                                "sampling": _share, **_extra}
+# embedding (one head, the level a learned input vector): the benchmark's recipe, and from scratch
+VARIANTS["emb_previous"] = {"strategy": {"name": "embedding", "warm_start": True, "embedding_dim": 8},
+                            "sampling": SAMPLING_HIGH}
+VARIANTS["emb_lr1e-4"] = {"strategy": {"name": "embedding", "warm_start": True, "embedding_dim": 8,
+                                       "second_stage": {"lr": 1e-4}}, "sampling": SAMPLING_HIGH}
+VARIANTS["emb_scratch"] = {"strategy": {"name": "embedding", "warm_start": False, "embedding_dim": 8},
+                           "sampling": SAMPLING_HIGH, "scratch": True}
 # the library's multi-head as chosen: strategy {name: multi-head} and nothing else (warm start, each level its own
 # last block, second stage at training.lr / 10, the target level at least a quarter of the joint stage's draws)
 VARIANTS["mh_default"] = {"strategy": {"name": "multi-head"}}
