@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
         "Charge and multiplicity come from each structure's info (charge, multiplicity; default 0 and 1); "
         "--charge and --multiplicity set them for every structure. "
         "Results go to the store as each calculation finishes; run the same command again after an "
-        "interruption and only what is missing is computed. The store reads back as a data set "
+        "interruption and only what is missing is computed. Several runs may share one store at the same time: "
+        "each structure is computed by one of them. The store reads back as a data set "
         "(path ending in .sqlite in a training config, or `polyfid data summary STORE`).",
     )
     p.add_argument("structures", nargs="+", help="structure files (extxyz, npz, h5, ...)")
@@ -56,11 +57,12 @@ def _frames(args) -> list:
 
 
 def run(args) -> int:
-    from polyfid.label import LabelStore, estimate_cost, label_frames, parse_level
+    from polyfid.label import LabelStore, check_frames, estimate_cost, label_frames, parse_level
     from polyfid.label.cluster import executor_for
 
     level = parse_level(args.level).name  # a LevelError ends the command with its message (cli.main)
     frames = _frames(args)
+    check_frames(frames, level, args.forces)  # before the store is opened or anything is computed
     print(f"{len(frames)} structures from {', '.join(args.structures)}; level {level}"
           f"{' with forces' if args.forces else ''}; store {args.store}")
     try:
@@ -71,7 +73,7 @@ def run(args) -> int:
                 print(f"estimate: {est}", flush=True)
                 if args.estimate_only:
                     return 0
-            report = label_frames(frames, level, store, forces=args.forces, workers=args.workers,
+            report = label_frames(frames, level, store, forces=args.forces, workers=n,
                                   threads_per_worker=args.threads, executor=executor,
                                   progress=not args.no_progress)
             counts = store.counts().get(level, {"ok": 0, "failed": 0})

@@ -4,6 +4,11 @@ row per (structure, level of theory), energies in eV and forces in eV/Å already
 Every structure with at least one successful label becomes one frame; its labels are keyed
 by fidelity name = level name with ``/`` replaced by ``_`` (``mp2/cc-pvdz`` → ``mp2_cc-pvdz``,
 so that names also work in file names). Failed calculations never enter.
+
+The file is opened read-only and never modified (a store in a read-only folder reads too). An
+SQLite file without polyfid's ``labels`` table is refused; so is a damaged row (non-finite
+energy, NaN or wrongly sized forces, undecodable arrays), with a DataError naming the file and
+the row, rather than entering a data set.
 """
 
 from __future__ import annotations
