@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -24,22 +23,11 @@ def add_parser(sub) -> None:
 
 
 def run_summary(args) -> int:
-    from polyfid.data.errors import DataError
-    from polyfid.data.frame import Dataset
     from polyfid.data.readers import read
     from polyfid.data.summary import format_summary, summarize
 
-    names = args.fidelity or [None]
-    if len(names) not in (1, len(args.path)):
-        raise DataError(f"--fidelity given {len(names)} times for {len(args.path)} files: give it once, or once "
-                         "per file")
-    names = names * len(args.path) if len(names) == 1 else names
-    parts = [read(p, format=args.format, fidelity=n) for p, n in zip(args.path, names)]
-    if len(parts) > 1:
-        for ds, p, n in zip(parts, args.path, names):
-            if n is None and ds.fidelities == ["default"]:
-                ds.rename_fidelity("default", Path(p).stem)
-    data = parts[0] if len(parts) == 1 else Dataset.merge(parts, tolerance=args.merge_tolerance)
-    summary = summarize(data)
+    paths = args.path if len(args.path) > 1 else args.path[0]
+    names = args.fidelity if args.fidelity and len(args.fidelity) > 1 else (args.fidelity or [None])[0]
+    summary = summarize(read(paths, format=args.format, fidelity=names, merge_tolerance=args.merge_tolerance))
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0

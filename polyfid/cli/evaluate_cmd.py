@@ -11,7 +11,9 @@ def add_parser(sub) -> None:
     p.add_argument("data", nargs="+", help="labelled data files or folders; several are merged (the same geometry "
                    "in two files is one frame with both files' label sets)")
     p.add_argument("--format", help="reader name (detected if omitted)")
-    p.add_argument("--fidelity", help="which label set of the data file to read (multi-level files)")
+    p.add_argument("--fidelity", action="append", default=None, metavar="NAME",
+                   help="the name of the data's labels (single-level files) or which label set to read (multi-level "
+                   "files); once for all files or once per file (several files: unnamed labels take the file stem)")
     p.add_argument("--as", dest="as_fidelity", help="model fidelity the data's labels correspond to")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--parity", help="save a parity plot to this PNG")
@@ -36,7 +38,8 @@ def run(args) -> int:
     from polyfid.api import evaluate
     from polyfid.data.readers import read
 
-    data = read(args.data if len(args.data) > 1 else args.data[0], format=args.format, fidelity=args.fidelity)
+    names = args.fidelity if args.fidelity and len(args.fidelity) > 1 else (args.fidelity or [None])[0]
+    data = read(args.data if len(args.data) > 1 else args.data[0], format=args.format, fidelity=names)
     mapping = None
     if args.as_fidelity:
         if len(data.fidelities) != 1:

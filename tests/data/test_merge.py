@@ -100,8 +100,14 @@ def test_different_labels_at_one_fidelity_are_an_error_naming_both_files_and_fra
     lo_path, hi_path, _ = write_two_levels(tmp_path)
     # both files read as one level: frame 3 of low.extxyz is frame 0 of high.extxyz
     with pytest.raises(DataError, match=re.escape(f"{hi_path}:0 and {lo_path}:3 hold the same geometry at "
-                                                  "fidelity 'default' with different energy")):
-        read([lo_path, hi_path])
+                                                  "fidelity 'pbe' with different energy")):
+        read([lo_path, hi_path], fidelity="pbe")
+    # unnamed, each single-level file's labels take the file's stem: two levels, merged
+    both = read([lo_path, hi_path])
+    assert both.fidelities == ["low", "high"] and both.merge_report.multi_fidelity_geometries == 8
+    assert read([lo_path, hi_path], fidelity=["pbe", "mp2"]).fidelities == ["pbe", "mp2"]
+    with pytest.raises(DataError, match="3 fidelity names for 2 files"):
+        read([lo_path, hi_path], fidelity=["a", "b", "c"])
     lo = read(lo_path, fidelity="pbe")
     bad = Dataset([Frame(lo[4].numbers, lo[4].positions, {"pbe": Labels(forces=lo[4].labels["pbe"].forces + 1e-3)},
                          source="other.xyz:9")])
@@ -192,7 +198,16 @@ def test_data_summary_counts_per_fidelity_and_shared_geometries(tmp_path, capsys
     assert re.search(r"^low\s+24\s+24\s+24", out, re.M) and re.search(r"^high\s+10\s+10\s+0", out, re.M)
     assert main(["data", "summary", str(lo_path), str(hi_path), "--fidelity", "a", "--fidelity", "b",
                  "--fidelity", "c"]) == 2
-    assert "--fidelity given 3 times for 2 files" in capsys.readouterr().err
+    assert "3 fidelity names for 2 files" in capsys.readouterr().err
+
+
+def test_evaluate_merges_one_file_per_level(tmp_path, capsys) -> None:
+    lo_path, hi_path, _ = write_two_levels(tmp_path)
+    res = run_training(two_file_config(tmp_path, {"name": "multi-head"}, lo_path, hi_path))
+    assert main(["evaluate", str(res.out / "model.pt"), str(lo_path), str(hi_path), "--fidelity", "pbe",
+                 "--fidelity", "mp2", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["pbe"]["n_energy"] == 24 and m["pbe"]["n_forces"] == 24 and m["mp2"]["n_energy"] == 10
 
 
 def two_file_config(tmp_path, strategy: dict, lo_path, hi_path, **data) -> dict:

@@ -81,7 +81,7 @@ def detect_format(path: str | Path) -> str:
 def read(
     path: str | Path | Sequence[str | Path],
     format: str | None = None,
-    fidelity: str | None = None,
+    fidelity: str | Sequence[str | None] | None = None,
     merge_tolerance: float | None = MERGE_TOLERANCE,
     **options: Any,
 ) -> Dataset:
@@ -94,14 +94,27 @@ def read(
 
     A list of paths reads each with the same options and merges them (`Dataset.merge`): the same
     geometry in two files, within `merge_tolerance` Å, becomes one frame with the label sets of
-    both (None: concatenate). Files at different levels need different fidelity names: read them
-    one by one and pass them to `Dataset.merge`, or name each in a training configuration.
+    both (None: concatenate). `fidelity` is then one name for all files or a list with one per
+    file; a single-level file whose labels get no name takes its file's stem (pbe.extxyz: "pbe"),
+    so that one file per level merges into one frame per geometry with a label set per level.
     """
     if isinstance(path, (list, tuple)):
         if not path:
             raise DataError("read: an empty list of paths")
-        parts = [read(p, format=format, fidelity=fidelity, **options) for p in path]
+        names = list(fidelity) if isinstance(fidelity, (list, tuple)) else [fidelity] * len(path)
+        if len(names) != len(path):
+            raise DataError(f"read: {len(names)} fidelity names for {len(path)} files; give one, or one per file")
+        parts = []
+        for p, name in zip(path, names):
+            ds = read(p, format=format, fidelity=name, **options)
+            if name is None and len(path) > 1 and ds.fidelities == ["default"]:
+                ds.rename_fidelity("default", Path(p).stem)
+            parts.append(ds)
         return Dataset.merge(parts, tolerance=merge_tolerance)
+    if isinstance(fidelity, (list, tuple)):
+        if len(fidelity) != 1:
+            raise DataError(f"read: {len(fidelity)} fidelity names for one file ({path}); give one")
+        fidelity = fidelity[0]
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
