@@ -89,13 +89,16 @@ STRATEGY = {
 #: --phase select: multi-head variants (and the other strategies for reference) compared on validation
 #: frames of rmd17_xtb_ethanol; "scratch": no shared pre-training, all steps joint from random weights
 VARIANTS: dict[str, dict[str, Any]] = {
-    "mh_previous": {"strategy": {"name": "multi-head", "warm_start": True}, "sampling": SAMPLING_HIGH},
+    "mh_previous": {"strategy": {"name": "multi-head", "warm_start": True, "second_stage": {"lr": 1e-3}},
+                    "sampling": SAMPLING_HIGH},
     "mh_lr1e-4": {"strategy": {"name": "multi-head", "warm_start": True, "second_stage": {"lr": 1e-4}},
                   "sampling": SAMPLING_HIGH},
     "mh_lr3e-4": {"strategy": {"name": "multi-head", "warm_start": True, "second_stage": {"lr": 3e-4}},
                   "sampling": SAMPLING_HIGH},
-    "mh_scratch": {"strategy": {"name": "multi-head"}, "sampling": SAMPLING_HIGH, "scratch": True},
-    "mh_tie": {"strategy": {"name": "multi-head", "warm_start": True, "head_tie": 1.0}, "sampling": SAMPLING_HIGH},
+    "mh_scratch": {"strategy": {"name": "multi-head", "warm_start": False}, "sampling": SAMPLING_HIGH,
+                   "scratch": True},
+    "mh_tie": {"strategy": {"name": "multi-head", "warm_start": True, "head_tie": 1.0, "second_stage": {"lr": 1e-3}},
+               "sampling": SAMPLING_HIGH},
     "mh_lr1e-4_share0.5": {"strategy": {"name": "multi-head", "warm_start": True, "second_stage": {"lr": 1e-4}},
                            "sampling": 0.5},
     "transfer": {"strategy": STRATEGY["transfer"]},
@@ -113,7 +116,7 @@ for _lr, _w, _share, _final in ((3e-4, 1e4, 0.25, True), (3e-4, 1e5, 0.25, True)
                      "second_stage": {"lr": _lr} | ({} if _final else {"final_energy_weight": None})},
         "sampling": _share, "fidelity_weights": {"energy": _w}}
 for _name, _second, _share, _scratch in (("", {"lr": 3e-4}, 0.25, False), ("_share0.5", {"lr": 3e-4}, 0.5, False),
-                                         ("_lr1e-3", {}, 0.25, False), ("_scratch", {}, 0.25, True)):
+                                         ("_lr1e-3", {"lr": 1e-3}, 0.25, False), ("_scratch", {}, 0.25, True)):
     VARIANTS[f"mh_rms{_name}"] = {"strategy": {"name": "multi-head", "warm_start": not _scratch,
                                                "second_stage": _second}, "sampling": _share, "scratch": _scratch,
                                   "training": {"loss_balance": "rms"}}
@@ -123,26 +126,28 @@ for _lr in (3e-4, 1e-4):
         "fidelity_weights": {"energy": 1e5}}
 for _part in ("last", "head"):  # which part of the network transfer needs to move
     VARIANTS[f"transfer_{_part}"] = {"strategy": STRATEGY["transfer"] | {"trainable": _part}}
-VARIANTS["mh_lr1e-3_ew100"] = {"strategy": {"name": "multi-head", "warm_start": True}, "sampling": SAMPLING_HIGH,
-                               "fidelity_weights": {"energy": 100}}
+VARIANTS["mh_lr1e-3_ew100"] = {"strategy": {"name": "multi-head", "warm_start": True, "second_stage": {"lr": 1e-3}},
+                               "sampling": SAMPLING_HIGH, "fidelity_weights": {"energy": 100}}
 VARIANTS["mh_lr3e-4_ew100_share0.5"] = {
     "strategy": {"name": "multi-head", "warm_start": True, "second_stage": {"lr": 3e-4}}, "sampling": 0.5,
     "fidelity_weights": {"energy": 100}}
+# The recipes name every setting whose library default changed after they ran (second-stage learning rate,
+# warm start, target share), so that each reproduces its fragment.
 for _v in VARIANTS.values():  # the variants above: one linear head per level on shared blocks
     if _v["strategy"]["name"] == "multi-head":
         _v["strategy"]["fidelity_blocks"] = 0
 # each level its own last interaction block (BranchedPotential), which transfer_last showed is what moves
-for _name, _second, _share, _extra in (("", {}, 0.25, {}), ("_lr3e-4", {"lr": 3e-4}, 0.25, {}),
-                                       ("_lr1e-4", {"lr": 1e-4}, 0.25, {}), ("_share0.5", {}, 0.5, {}),
+for _name, _second, _share, _extra in (("", {"lr": 1e-3}, 0.25, {}), ("_lr3e-4", {"lr": 3e-4}, 0.25, {}),
+                                       ("_lr1e-4", {"lr": 1e-4}, 0.25, {}), ("_share0.5", {"lr": 1e-3}, 0.5, {}),
                                        ("_lr3e-4_share0.5", {"lr": 3e-4}, 0.5, {}),
-                                       ("_ew10", {}, 0.25, {"fidelity_weights": {"energy": 10}}),
+                                       ("_ew10", {"lr": 1e-3}, 0.25, {"fidelity_weights": {"energy": 10}}),
                                        ("_scratch", {}, 0.25, {"scratch": True}),
                                        ("_lr1e-4_share0.5", {"lr": 1e-4}, 0.5, {}),
                                        ("_lr1e-4_nosampling", {"lr": 1e-4}, None, {}),
                                        ("_lr3e-5", {"lr": 3e-5}, 0.25, {}),
                                        ("_lr1e-4_ew10", {"lr": 1e-4}, 0.25, {"fidelity_weights": {"energy": 10}})):
     VARIANTS[f"mhb{_name}"] = {"strategy": {"name": "multi-head", "warm_start": not _extra.get("scratch"),
-                                            "fidelity_blocks": 1, "second_stage": _second},
+                                            "fidelity_blocks": 1, "second_stage": _second, "target_share": None},
                                "sampling": _share, **_extra}
 # embedding (one head, the level a learned input vector): the benchmark's recipe, and from scratch
 VARIANTS["emb_previous"] = {"strategy": {"name": "embedding", "warm_start": True, "embedding_dim": 8},
@@ -677,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (args.work_dir if args.quick else common.DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / f"{stem}.json"
-    command = "python " + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python benchmarks/multifidelity.py", *(argv if argv is not None else sys.argv[1:])])
     protocol = {"budget_steps": {"low_level_pretraining": args.low_steps, "own_stages": args.stage_steps,
                                  "every_strategy_and_baseline": args.low_steps + args.stage_steps},
                 "jobs": args.jobs, "threads_per_job": 1, "model": MODEL, "training": TRAINING,

@@ -291,3 +291,70 @@ class Potential(nn.Module):
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class PassPerHeadPotential(Potential):
+    """A Potential whose heads each read their own pass of the representation (a fidelity
+    embedding in the input, a fidelity's own last blocks). Subclasses give `_passes` (the
+    features of each head asked for, sharing what they can) and `_head_row` (the readout row
+    of a head). Energies are computed for `energy_heads` if given, else `heads` if given, else
+    all; the other columns are 0."""
+
+    def _passes(self, x: torch.Tensor, geom: PairGeometry, heads: Sequence[int], explicit: bool) -> list:
+        """Per head in `heads`: its block features, or with `explicit` (features, cache) of
+        `representation.forward_explicit`."""
+        raise NotImplementedError
+
+    def _head_row(self, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Readout weight (F,) and bias () of head `h`."""
+        raise NotImplementedError
+
+    def _head_energy(self, feats: list[torch.Tensor], idx: torch.Tensor, batch: Batch, h: int) -> torch.Tensor:
+        """Frame energies (B,) in eV of head `h` from its features, summed in float64."""
+        w, b = self._head_row(h)
+        e_atom = ((torch.cat(feats, dim=1) @ w + b) * self.energy_scale[h]).double()
+        e_atom = e_atom + self.atom_ref[:, h].index_select(0, idx)
+        if batch.n_frames == 1:
+            return e_atom.sum().reshape(1)
+        return e_atom.new_zeros(batch.n_frames).index_add_(0, batch.frame, e_atom)
+
+    def _energies(self, idx, x, geom, batch) -> torch.Tensor:
+        """Energies (B, H) of every head (the autograd path)."""
+        heads = list(range(len(self.fidelities)))
+        feats = self._passes(x, geom, heads, explicit=False)
+        return torch.stack([self._head_energy(f, idx, batch, h) for h, f in zip(heads, feats)], dim=1)
+
+    def forward(
+        self,
+        batch: Batch,
+        forces: bool = True,
+        stress: bool = False,
+        create_graph: bool = False,
+        heads: Sequence[int] | None = None,
+        energy_heads: Sequence[int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if (forces or stress) and self.explicit:
+            return self._forward_explicit(batch, forces, stress, create_graph, heads, None, energy_heads)
+        return super().forward(batch, forces, stress, create_graph, heads)
+
+    def _forward_explicit(self, batch, forces, stress, create_graph, heads, idx=None, energy_heads=None):
+        with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            idx, x, geom = self._geometry(batch, batch.positions, batch.cell, idx)
+            deriv = list(range(len(self.fidelities))) if heads is None else list(heads)
+            cols = sorted(set(deriv) | set(energy_heads if energy_heads is not None else deriv))
+            sizes = self.representation.feature_sizes
+            energy: list[torch.Tensor | None] = [None] * len(self.fidelities)
+            grads: dict[int, tuple] = {}
+            for h, (feats, cache) in zip(cols, self._passes(x, geom, cols, explicit=True)):
+                energy[h] = self._head_energy(feats, idx, batch, h)
+                if h in deriv:
+                    w = self._head_row(h)[0] * self.energy_scale[h]
+                    g_vec = self.representation.pair_gradient(cache, [c.unsqueeze(0) for c in w.split(sizes)])
+                    grads[h] = self._from_pair_gradient(batch, geom, g_vec, forces, stress)
+            zero = next(e for e in energy if e is not None).new_zeros(batch.n_frames)
+            out = {"energy": torch.stack([e if e is not None else zero for e in energy], dim=1)}
+            if forces:
+                out["forces"] = torch.stack([grads[h][0] for h in deriv], dim=1)
+            if stress:
+                out["stress"] = torch.stack([grads[h][1] for h in deriv], dim=1) / self._volume(batch)
+        return out
