@@ -15,19 +15,21 @@ def add_parser(sub) -> None:
                    help="level-of-theory name of a single-level file's labels; once for all files, or once per "
                    "file in order (default: the reader's names; with several files, a file whose labels have no "
                    "level name takes its file name's stem)")
-    s.add_argument("--merge-tolerance", type=float, default=1e-6,
-                   help="Å; positions this close are the same geometry (default 1e-6)")
+    s.add_argument("--merge-tolerance", type=float, default=None,
+                   help="Å; positions this close are the same geometry (default: data.merge_tolerance's, 1e-6)")
     s.add_argument("--format", help="reader name (detected if omitted)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=run_summary)
 
 
 def run_summary(args) -> int:
+    from polyfid.data.merge import MERGE_TOLERANCE
     from polyfid.data.readers import read
     from polyfid.data.summary import format_summary, summarize
 
     paths = args.path if len(args.path) > 1 else args.path[0]
     names = args.fidelity if args.fidelity and len(args.fidelity) > 1 else (args.fidelity or [None])[0]
-    summary = summarize(read(paths, format=args.format, fidelity=names, merge_tolerance=args.merge_tolerance))
+    tol = MERGE_TOLERANCE if args.merge_tolerance is None else args.merge_tolerance
+    summary = summarize(read(paths, format=args.format, fidelity=names, merge_tolerance=tol))
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0

@@ -50,7 +50,7 @@ def _read(paths: str | list[str], args, level: str):
         if len(ds.fidelities) != 1:
             raise KeyError(f"{path}: label sets {ds.fidelities}; choose one with --fidelity")
         parts.append(ds.rename_fidelity(ds.fidelities[0], level))
-    return Dataset.merge(parts)
+    return Dataset.merge(parts) if len(parts) > 1 else parts[0]
 
 
 def _replay(specs: list[str], args):
@@ -72,7 +72,7 @@ def _replay(specs: list[str], args):
         parts.append(ds)
     from polyfid.data.frame import Dataset
 
-    return Dataset.merge(parts) if parts else None
+    return (Dataset.merge(parts) if len(parts) > 1 else parts[0]) if parts else None
 
 
 def run(args) -> int:

@@ -105,7 +105,7 @@ class Frame:
 
 class Dataset(Sequence[Frame]):
     """An ordered collection of frames; the same geometry at two levels is one frame
-    (`Dataset.merge`, which every loader applies)."""
+    (`Dataset.merge`, which every loader applies to data sets given together)."""
 
     def __init__(self, frames: Iterable[Frame], name: str = "") -> None:
         self.frames = list(frames)

@@ -8,8 +8,12 @@ Two frames are the same geometry when they have the same atomic numbers in the s
 same pbc, charge and multiplicity, cells within the tolerance (or both none) and every position
 within the tolerance (Å, largest component difference). Lookup is by a hash index: two fixed
 random projections of the coordinates, normalised so that each moves by at most the largest
-position difference, are binned at 1000 x the tolerance; a frame is compared only with the frames
-in the bins its projections ± tolerance reach, so 10^5 frames merge in seconds.
+position difference, are binned at 4 x the tolerance; a frame is compared only with the frames in
+the bins its projections ± tolerance reach (at most 2 per projection), so 10^5 frames merge in
+seconds, also when many of them lie within a fraction of an Å of each other.
+
+Periodic frames are compared as given: the same structure with atoms wrapped into the cell
+differently (shifted by a lattice vector) is not recognised as the same geometry.
 
 The same fidelity given twice for one geometry merges label by label: a label only one of them
 has is kept, identical labels (within ENERGY_TOL eV, FORCE_TOL eV/Å, STRESS_TOL eV/Å³) are
@@ -128,7 +132,9 @@ def merge_frames(frames: Sequence[Frame], tolerance: float = MERGE_TOLERANCE) ->
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
         raise DataError(f"merge tolerance must be a number >= 0 (Å), got {tolerance!r}")
     tol = float(tolerance)
-    q = max(1000.0 * tol, 1e-9)  # bin width of the projections
+    # bin width of the projections: at least 2·tol, so that p ± tol reaches at most 2 bins per
+    # projection; no wider, or frames close to each other (an MD trajectory) crowd into few bins
+    q = max(4.0 * tol, 1e-9)
     project = _Projector()
     index: dict[tuple, list[int]] = {}
     out: list[Frame] = []

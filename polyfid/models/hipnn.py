@@ -168,7 +168,10 @@ class HIPNN(nn.Module):
 
     def _split(self, tails: Sequence[nn.ModuleList | None]) -> int:
         """Number of leading blocks every branch shares."""
-        k = max((len(t) for t in tails if t is not None), default=0)
+        k = 0
+        for t in tails:  # a plain loop: torch.compile traces it without a graph break (max(default=) breaks)
+            if t is not None:
+                k = max(k, len(t))
         return len(self.blocks) - k
 
     def _branch_blocks(self, tail: nn.ModuleList | None) -> list[nn.ModuleList]:

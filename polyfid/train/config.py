@@ -53,9 +53,10 @@ class DataConfig:
     train_size: int | None = opt(None, "use only this many training frames (after the validation split)")
     seed: int = opt(0, "seed of the train/validation split")
     merge_tolerance: float | None = opt(
-        1e-6, "Å; frames of the same geometry (same atoms in the same order, same cell, pbc, charge and "
-        "multiplicity, every position within this) are merged into one frame carrying every file's label sets, "
-        "within train, validation and test each, before the validation split; null: no merging"
+        1e-6, "Å; when a list holds two or more data sets, frames of the same geometry (same atoms in the same "
+        "order, same cell, pbc, charge and multiplicity, every position within this) are merged into one frame "
+        "carrying every file's label sets, within train, validation and test each, before the validation split; "
+        "null: no merging"
     )
 
 
@@ -82,10 +83,11 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    epochs: int = opt(1000, "maximum number of epochs")
+    epochs: int = opt(1000, "maximum number of epochs (not applied when max_steps is set)")
     max_steps: int | None = opt(
         None, "optimiser-step budget (null: none): training stops after this many steps, mid-epoch if need be, "
-        "and the cosine schedule and final_fraction count steps; a budget that reproduces on any machine"
+        "whatever epochs says, and the cosine schedule and final_fraction count steps; a budget that reproduces "
+        "on any machine"
     )
     max_time_s: float | None = opt(None, "wall-clock training budget in seconds (null: none)")
     batch_size: int = opt(32, "frames per batch")
@@ -171,12 +173,13 @@ class StrategyConfig:
     fidelity_blocks: int | None = opt(
         None, "multi-head: how many of the network's last interaction blocks each fidelity owns (the first ones and "
         "the atom embedding stay shared); null: 1 when the network has two or more interaction blocks, else 0; "
-        "0: every block shared, one linear head per fidelity (the earlier multi-head)"
+        "0: every block shared, one linear head per fidelity (with warm_start: false and target_share: null, the "
+        "earlier multi-head)"
     )
     embedding_dim: int = opt(8, "embedding: size of the learned fidelity embedding")
     warm_start: bool | None = opt(
-        None, "multi-head and embedding: first train the base level alone, then start every level from it; null: "
-        "on for multi-head, off for embedding"
+        None, "multi-head and embedding: first train the base level alone, then start every level from it (each "
+        "stage gets training's budget unless second_stage sets its own); null: on for multi-head, off for embedding"
     )
     second_stage: dict = opt(
         {}, "two-stage strategies (delta, transfer, warm-started multi-head/embedding): training options that "

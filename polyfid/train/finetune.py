@@ -272,10 +272,12 @@ def _with_replay(model: Potential, train_ds: Dataset, replay: Dataset, fidelity:
 
 
 def anchor_penalty(model: Potential, weight: float) -> Callable[[], torch.Tensor] | None:
-    """λ·Σ(θ − θ₀)² over the trainable backbone parameters, θ₀ their values now (None if λ = 0)."""
+    """λ·Σ(θ − θ₀)² over the trainable backbone parameters (every one but the heads' readout, a
+    branched model's own blocks of each level included), θ₀ their values now (None if λ = 0)."""
     if weight <= 0:
         return None
-    pairs = [(p, p.detach().clone()) for p in model.representation.parameters() if p.requires_grad]
+    pairs = [(p, p.detach().clone()) for name, p in model.named_parameters()
+             if p.requires_grad and not name.startswith("readout.")]
 
     def penalty() -> torch.Tensor:
         return weight * sum(((p - p0) ** 2).sum() for p, p0 in pairs)

@@ -305,6 +305,9 @@ def meta_train(
     out = Path(out)
     tc, mc = cfg.training, cfg.meta
     names = train_ds.fidelities
+    if tc.max_steps:
+        raise ConfigError("training.max_steps: meta-training counts outer steps (meta.outer_steps, each of "
+                          "meta.inner_steps optimiser steps); leave max_steps unset")
     if len(names) < 2:
         raise DataError(f"meta-training needs at least two tasks (fidelities); the training data have {names}")
     species = sorted(set(train_ds.elements) | (set(val_ds.elements) if val_ds is not None else set()))

@@ -17,6 +17,7 @@ from polyfid.analysis.plots import plot_loss_curves, plot_parity
 from polyfid.data.batch import PackedData
 from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
+from polyfid.data.merge import MERGE_TOLERANCE
 from polyfid.data.readers import read
 from polyfid.data.splits import parse_slice, split_indices
 from polyfid.models import DeltaPotential, Potential
@@ -34,9 +35,12 @@ def load_spec(spec: DatasetSpec) -> Dataset:
     return ds
 
 
-def load_specs(specs: list[DatasetSpec], merge_tolerance: float | None = 1e-6) -> Dataset:
-    """Read the data sets and merge them: the same geometry in several files is one frame with
-    every file's label sets (`Dataset.merge`; None: concatenate)."""
+def load_specs(specs: list[DatasetSpec], merge_tolerance: float | None = MERGE_TOLERANCE) -> Dataset:
+    """Read the data sets; two or more are merged: the same geometry in several files is one
+    frame with every file's label sets (`Dataset.merge`; None: concatenate). One data set is
+    taken as it is."""
+    if len(specs) == 1:
+        return load_spec(specs[0])
     return Dataset.merge([load_spec(s) for s in specs], tolerance=merge_tolerance)
 
 

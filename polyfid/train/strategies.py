@@ -30,7 +30,7 @@ from polyfid.models import (
     model_dict,
 )
 from polyfid.train.config import Config, ConfigError, StrategyConfig, TrainingConfig, from_dict
-from polyfid.train.trainer import BEST_MODEL, Trainer, TrainState
+from polyfid.train.trainer import BEST_MODEL, CHECKPOINT, Trainer, TrainState
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -251,6 +251,11 @@ def fit_strategy(
         return StrategyResult(best, out / BEST_MODEL, name, target, stages)
 
     assert base is not None
+    if resume and (out / CHECKPOINT).exists() and not (out / "base").exists() and base_model is None:
+        raise ConfigError(
+            f"{out} holds the checkpoint of a one-stage {name} run, and strategy {name!r} now trains the base level "
+            "first (in base/) then every level (in train/): to resume that run as it was, set strategy.warm_start: "
+            "false, fidelity_blocks: 0 and target_share: null; or train into a new folder")
     # stage 1: the base level alone
     if base_model is None:
         torch.manual_seed(tc.seed)

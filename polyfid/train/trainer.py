@@ -396,10 +396,11 @@ class Trainer:
                 self.state.stopped = ""  # the limits may have been raised: re-checked below
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.cfg.epochs, initial=self.state.epoch, disable=not self.progress, unit="epoch")
+        bar = tqdm(total=None if self.cfg.max_steps else self.cfg.epochs, initial=self.state.epoch,
+                   disable=not self.progress, unit="epoch")
         try:
             while not self.state.stopped:
-                if self.state.epoch >= self.cfg.epochs:
+                if not self.cfg.max_steps and self.state.epoch >= self.cfg.epochs:  # max_steps replaces it
                     self.state.stopped = "epoch limit"
                     break
                 if self.cfg.max_time_s and self.state.elapsed_s >= self.cfg.max_time_s:
@@ -413,7 +414,8 @@ class Trainer:
                 row |= self.train_epoch(t0, e0)
                 row["lr"] = self.optimizer.param_groups[0]["lr"]
                 self.state.epoch += 1
-                last = self.state.epoch == self.cfg.epochs or self.state.step == self.cfg.max_steps
+                last = (self.state.step == self.cfg.max_steps if self.cfg.max_steps
+                        else self.state.epoch == self.cfg.epochs)
                 if self.state.epoch % self.cfg.eval_every == 0 or last:
                     val = self.validate()
                     row |= val

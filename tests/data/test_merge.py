@@ -252,3 +252,38 @@ def test_delta_without_shared_geometries_names_the_files_and_what_it_needs(tmp_p
     assert f"'mp2' from {hi_path}" in msg and f"'pbe' from {lo_path}" in msg
     assert "no training frame has labels at both" in msg and "data.merge_tolerance = 1e-06" in msg
     assert "transfer or multi-head" in msg
+
+
+def test_frames_close_to_each_other_are_compared_with_few_others(monkeypatch) -> None:
+    """An MD trajectory: 600 frames within 0.01 Å of one geometry, all distinct at the 1e-6 Å
+    tolerance. Each frame is compared with only the few in its bins, not with its neighbours in
+    the trajectory (that made the merge quadratic)."""
+    from polyfid.data import merge
+
+    calls = []
+    same = merge._same_geometry
+    monkeypatch.setattr(merge, "_same_geometry", lambda a, b, tol: calls.append(1) or same(a, b, tol))
+    rng = np.random.default_rng(1)
+    pos = rng.normal(size=(9, 3))
+    frames = [frame([6, 6, 8, 1, 1, 1, 1, 1, 1], pos + rng.normal(scale=0.01, size=pos.shape), "a", float(k))
+              for k in range(600)]
+    out, report = merge_frames(frames)
+    assert len(out) == 600 and report.merged_frames == 0
+    assert len(calls) < 60
+
+
+def test_one_data_set_is_taken_as_it_is_two_are_merged(tmp_path) -> None:
+    lo_path, hi_path, _ = write_two_levels(tmp_path)
+    dup = tmp_path / "dup.extxyz"
+    images = ase.io.read(lo_path, ":")
+    ase.io.write(dup, images + images[:3])  # the same geometries twice in one file
+    cfg = load_config(two_file_config(tmp_path, {"name": "single"}, lo_path, hi_path))
+    from polyfid.train.run import load_specs
+
+    one = load_specs(cfg.data.train[:1])
+    assert one.merge_report is None and len(one) == 24
+    spec = cfg.data.train[0]
+    spec.path = str(dup)
+    assert len(load_specs([spec])) == 27 and len(read(dup)) == 27 and len(read([dup])) == 27
+    both = load_specs([spec, cfg.data.train[1]])
+    assert len(both) == 24 + 2 and both.merge_report.duplicate_label_sets == 3

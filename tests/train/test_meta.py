@@ -361,3 +361,11 @@ def test_finetune_rejects_unknown_elements(tmp_path, saved_model):
     ds[0].numbers[0] = 7
     with pytest.raises(DataError, match=r"elements \[7\]"):
         finetune(saved_model, ds, tmp_path / "x", steps=2)
+
+
+def test_meta_training_refuses_a_step_budget(tmp_path):
+    ds = Dataset([f for f in toy_dataset(6, fidelity="a")] + [f for f in toy_dataset(6, seed=1, fidelity="b")])
+    cfg = load_config({"model": {"n_features": 4, "n_sensitivities": 3, "n_interactions": 1, "n_atom_layers": 1,
+                                 "cutoff": 3.0}, "training": {"max_steps": 10}})
+    with pytest.raises(ConfigError, match="meta-training counts outer steps"):
+        meta_train(cfg, ds, None, tmp_path / "m")

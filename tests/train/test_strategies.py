@@ -304,3 +304,16 @@ def test_finetuning_a_branched_model_gives_the_new_level_a_copy_of_the_closest_l
             np.testing.assert_allclose(a["forces"], b["forces"], rtol=1e-5, atol=1e-6)
     for a, b in zip(predict(new, mols, fidelity="new"), predict(model, mols, fidelity="lo")):
         np.testing.assert_allclose(a["forces"], b["forces"], rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_a_one_stage_multi_head_run_under_the_two_stage_default_is_refused(tmp_path) -> None:
+    ds = two_level_data()
+    old = config(tmp_path, "multi-head", target="hi", base="lo", warm_start=False, fidelity_blocks=0,
+                 target_share=None)
+    old["model"] = MODEL2
+    fit_strategy(load_config(old), ds, None, tmp_path / "run")
+    new = config(tmp_path, "multi-head", target="hi", base="lo")
+    new["model"] = MODEL2
+    with pytest.raises(ConfigError, match="holds the checkpoint of a one-stage multi-head run"):
+        fit_strategy(load_config(new), ds, None, tmp_path / "run", resume=True)
+    assert fit_strategy(load_config(old), ds, None, tmp_path / "run", resume=True).strategy == "multi-head"

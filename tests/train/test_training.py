@@ -228,8 +228,8 @@ def test_adam_second_moments_follow_the_switch_to_the_final_energy_weight(tmp_pa
 def test_step_budget_stops_mid_epoch_and_schedules_by_steps(tmp_path) -> None:
     """max_steps: 4 steps per epoch (16 frames, batch 4), 10 steps end in the third epoch; the
     cosine schedule reaches min_lr and the final energy weight starts at 3/4 of the steps."""
-    tr = _trainer(tmp_path, epochs=100, max_steps=10, scheduler="cosine", lr=1e-3, min_lr=1e-5,
-                  final_energy_weight=1000.0, final_fraction=0.2)
+    tr = _trainer(tmp_path, epochs=2, max_steps=10, scheduler="cosine", lr=1e-3, min_lr=1e-5,
+                  final_energy_weight=1000.0, final_fraction=0.2)  # max_steps, not epochs, ends it
     finals = []
     loss_w = tr._weights
     tr._weights = lambda frac: finals.append(tr._final(frac)) or loss_w(frac)
@@ -248,14 +248,28 @@ def test_step_budget_stops_mid_epoch_and_schedules_by_steps(tmp_path) -> None:
 @pytest.mark.parametrize("split_epoch", [3, 4, 5])
 def test_resume_is_exact_across_the_switch_to_the_final_energy_weight(tmp_path, split_epoch) -> None:
     """A step budget of 20 (4 steps per epoch) switches to the final energy weight at step 12,
-    the start of epoch 4: a run stopped after epoch 3 (just before the switch), 4 or 5 and
-    resumed ends with the weights, optimiser and EMA of one that was not stopped."""
+    the start of epoch 4: a run interrupted right after its checkpoint of epoch 3 (just before
+    the switch), 4 or 5 and resumed ends with the weights, optimiser and EMA of one that was not
+    interrupted."""
     cfg = dict(epochs=100, max_steps=20, scheduler="cosine", lr=3e-3, final_energy_weight=1000.0,
                final_fraction=0.4, checkpoint_interval_s=0.0)
     straight = _trainer(tmp_path / "straight", **cfg)
     straight.fit()
-    first = _trainer(tmp_path / "split", **(cfg | {"epochs": split_epoch}))
-    assert first.fit().stopped == "epoch limit"
+
+    class Interrupted(Exception):
+        pass
+
+    first = _trainer(tmp_path / "split", **cfg)
+    save = first.save_checkpoint
+
+    def save_then_stop() -> None:
+        save()
+        if first.state.epoch == split_epoch:
+            raise Interrupted
+
+    first.save_checkpoint = save_then_stop
+    with pytest.raises(Interrupted):
+        first.fit()
     resumed = _trainer(tmp_path / "split", **cfg)
     state = resumed.fit(resume=True)
     assert state.step == 20 and state.final_steps == 8
@@ -337,3 +351,17 @@ def test_training_flushes_subnormals_only_while_it_runs(tmp_path, flush) -> None
     tr.fit()
     assert len(seen) == 8 and set(seen) == {flush}
     assert not flushing_denormals()
+
+
+def test_a_checkpoint_written_before_step_budgets_resumes(tmp_path) -> None:
+    """Checkpoints of earlier versions lack the step count and the final-phase counter: they
+    resume, counting steps from 0 and, inside the final phase, with no Adam floor, as those
+    versions did."""
+    final = dict(final_energy_weight=1000.0, final_fraction=0.5, checkpoint_interval_s=0.0)
+    _trainer(tmp_path, epochs=3, **final).fit()
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for key in ("step", "final_steps"):
+        del ck["state"][key]
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    state = _trainer(tmp_path, epochs=4, **final).fit(resume=True)  # epoch 4 of 4: the final phase
+    assert state.epoch == 4 and state.step == 4 and state.final_steps == -1

@@ -92,11 +92,12 @@ def read(
     each reader's docstring: units, key names, index, levels). Raises DataError for a missing path,
     an unknown format, or malformed data.
 
-    A list of paths reads each with the same options and merges them (`Dataset.merge`): the same
-    geometry in two files, within `merge_tolerance` Å, becomes one frame with the label sets of
-    both (None: concatenate). `fidelity` is then one name for all files or a list with one per
-    file; a single-level file whose labels get no name takes its file's stem (pbe.extxyz: "pbe"),
-    so that one file per level merges into one frame per geometry with a label set per level.
+    A list of two or more paths reads each with the same options and merges them
+    (`Dataset.merge`): the same geometry in two files, within `merge_tolerance` Å, becomes one
+    frame with the label sets of both (None: concatenate); one file is read as it is. `fidelity`
+    is then one name for all files or a list with one per file; a single-level file whose labels
+    get no name takes its file's stem (pbe.extxyz: "pbe"), so that one file per level merges into
+    one frame per geometry with a label set per level.
     """
     if isinstance(path, (list, tuple)):
         if not path:
@@ -104,6 +105,8 @@ def read(
         names = list(fidelity) if isinstance(fidelity, (list, tuple)) else [fidelity] * len(path)
         if len(names) != len(path):
             raise DataError(f"read: {len(names)} fidelity names for {len(path)} files; give one, or one per file")
+        if len(path) == 1:
+            return read(path[0], format=format, fidelity=names[0], **options)
         parts = []
         for p, name in zip(path, names):
             ds = read(p, format=format, fidelity=name, **options)
