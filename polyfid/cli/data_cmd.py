@@ -27,9 +27,7 @@ def run_summary(args) -> int:
     from polyfid.data.readers import read
     from polyfid.data.summary import format_summary, summarize
 
-    paths = args.path if len(args.path) > 1 else args.path[0]
-    names = args.fidelity if args.fidelity and len(args.fidelity) > 1 else (args.fidelity or [None])[0]
     tol = MERGE_TOLERANCE if args.merge_tolerance is None else args.merge_tolerance
-    summary = summarize(read(paths, format=args.format, fidelity=names, merge_tolerance=tol))
+    summary = summarize(read(args.path, format=args.format, fidelity=args.fidelity, merge_tolerance=tol))
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0

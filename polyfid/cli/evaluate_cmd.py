@@ -38,8 +38,7 @@ def run(args) -> int:
     from polyfid.api import evaluate
     from polyfid.data.readers import read
 
-    names = args.fidelity if args.fidelity and len(args.fidelity) > 1 else (args.fidelity or [None])[0]
-    data = read(args.data if len(args.data) > 1 else args.data[0], format=args.format, fidelity=names)
+    data = read(args.data, format=args.format, fidelity=args.fidelity)
     mapping = None
     if args.as_fidelity:
         if len(data.fidelities) != 1:

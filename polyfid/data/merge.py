@@ -1,8 +1,9 @@
 """Merging frames of the same geometry: one frame with a label set per fidelity.
 
 Users hold multi-fidelity data as one file per level (PBE forces of 1000 frames in one file,
-MP2 energies of 100 of those geometries in another). Every loader merges what it reads, so the
-same geometry at two levels becomes one frame with two label sets, as the data model says.
+MP2 energies of 100 of those geometries in another). Every loader merges the data sets it is given
+together, so the same geometry at two levels becomes one frame with two label sets, as the data
+model says.
 
 Two frames are the same geometry when they have the same atomic numbers in the same order, the
 same pbc, charge and multiplicity, cells within the tolerance (or both none) and every position
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,12 +56,9 @@ class MergeReport:
     merged_frames: int = 0
     duplicate_label_sets: int = 0
     multi_fidelity_geometries: int = 0
-    per_fidelity_frames: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
-        return {"frames_in": self.frames_in, "frames_out": self.frames_out, "merged_frames": self.merged_frames,
-                "duplicate_label_sets": self.duplicate_label_sets,
-                "multi_fidelity_geometries": self.multi_fidelity_geometries}
+        return asdict(self)
 
 
 class _Projector:
@@ -143,17 +141,9 @@ def merge_frames(frames: Sequence[Frame], tolerance: float = MERGE_TOLERANCE) ->
     for f in frames:
         group = _group_key(f)
         p0, p1 = project(f.positions).tolist()
-        match = None
-        for b0 in range(math.floor((p0 - tol) / q), math.floor((p0 + tol) / q) + 1):
-            for b1 in range(math.floor((p1 - tol) / q), math.floor((p1 + tol) / q) + 1):
-                for j in index.get((group, b0, b1), ()):
-                    if _same_geometry(out[j], f, tol):
-                        match = j
-                        break
-                if match is not None:
-                    break
-            if match is not None:
-                break
+        near = ((group, b0, b1) for b0 in range(math.floor((p0 - tol) / q), math.floor((p0 + tol) / q) + 1)
+                for b1 in range(math.floor((p1 - tol) / q), math.floor((p1 + tol) / q) + 1))
+        match = next((j for key in near for j in index.get(key, ()) if _same_geometry(out[j], f, tol)), None)
         if match is None:
             j = len(out)
             out.append(_copy(f))
@@ -167,15 +157,12 @@ def merge_frames(frames: Sequence[Frame], tolerance: float = MERGE_TOLERANCE) ->
                 if _merge_labels(target.labels[fid], lab, fid, sources[match][fid], f.source):
                     report.duplicate_label_sets += 1
             else:
-                target.labels[fid] = type(lab)(lab.energy, lab.forces, lab.stress)
+                target.labels[fid] = type(lab)(lab.energy, lab.forces, lab.stress)  # its own object, as _copy
                 sources[match][fid] = f.source
         if f.source and f.source not in target.source.split(" + "):
             target.source = f"{target.source} + {f.source}" if target.source else f.source
     report.frames_out = len(out)
     report.multi_fidelity_geometries = sum(1 for f in out if len(f.labels) > 1)
-    for f in out:
-        for fid in f.labels:
-            report.per_fidelity_frames[fid] = report.per_fidelity_frames.get(fid, 0) + 1
     return out, report
 
 

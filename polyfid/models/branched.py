@@ -47,7 +47,7 @@ class BranchedPotential(PassPerHeadPotential):
     @torch.no_grad()
     def sync_tails(self) -> None:
         """Start every fidelity's own blocks as the representation's (after a warm start)."""
-        source = self.representation.make_tail(self.own_blocks).state_dict()
+        source = self.own(0).state_dict()
         for t in self.tails:
             t.load_state_dict(source)
 

@@ -251,7 +251,8 @@ def fit_strategy(
         return StrategyResult(best, out / BEST_MODEL, name, target, stages)
 
     assert base is not None
-    if resume and (out / CHECKPOINT).exists() and not (out / "base").exists() and base_model is None:
+    if (name in ("multi-head", "embedding") and resume and base_model is None and (out / CHECKPOINT).exists()
+            and not (out / "base").exists()):  # a folder of the one-stage default these strategies had
         raise ConfigError(
             f"{out} holds the checkpoint of a one-stage {name} run, and strategy {name!r} now trains the base level "
             "first (in base/) then every level (in train/): to resume that run as it was, set strategy.warm_start: "

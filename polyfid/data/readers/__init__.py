@@ -95,14 +95,15 @@ def read(
     A list of two or more paths reads each with the same options and merges them
     (`Dataset.merge`): the same geometry in two files, within `merge_tolerance` Å, becomes one
     frame with the label sets of both (None: concatenate); one file is read as it is. `fidelity`
-    is then one name for all files or a list with one per file; a single-level file whose labels
-    get no name takes its file's stem (pbe.extxyz: "pbe"), so that one file per level merges into
-    one frame per geometry with a label set per level.
+    is then one name for all files (or a list of one) or a list with one per file; a single-level
+    file whose labels get no name takes its file's stem (pbe.extxyz: "pbe"), so that one file per
+    level merges into one frame per geometry with a label set per level.
     """
     if isinstance(path, (list, tuple)):
         if not path:
             raise DataError("read: an empty list of paths")
-        names = list(fidelity) if isinstance(fidelity, (list, tuple)) else [fidelity] * len(path)
+        names = list(fidelity) if isinstance(fidelity, (list, tuple)) else [fidelity]
+        names = names * len(path) if len(names) == 1 else names
         if len(names) != len(path):
             raise DataError(f"read: {len(names)} fidelity names for {len(path)} files; give one, or one per file")
         if len(path) == 1:
@@ -110,7 +111,7 @@ def read(
         parts = []
         for p, name in zip(path, names):
             ds = read(p, format=format, fidelity=name, **options)
-            if name is None and len(path) > 1 and ds.fidelities == ["default"]:
+            if name is None and ds.fidelities == ["default"]:
                 ds.rename_fidelity("default", Path(p).stem)
             parts.append(ds)
         return Dataset.merge(parts, tolerance=merge_tolerance)
