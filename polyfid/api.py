@@ -11,9 +11,9 @@ import torch
 
 from polyfid.analysis.metrics import error_metrics
 from polyfid.data.batch import PackedData
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
 from polyfid.data.readers import read
+from polyfid.errors import DataError
 from polyfid.models import load_model
 from polyfid.models.potential import Potential
 from polyfid.train.run import RunResult, run_training

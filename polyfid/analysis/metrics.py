@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from polyfid.data.batch import PackedData
+from polyfid.errors import FidelityError
 from polyfid.models.potential import Potential
 
 
@@ -40,7 +41,7 @@ def error_metrics(
     force MAE/RMSE over all Cartesian components (meV/Å), counts; plus the raw arrays
     under "_arrays" for parity plots."""
     if list(data.fidelities) != list(model.fidelities):
-        raise ValueError(f"data packed for fidelities {data.fidelities}, model has {model.fidelities}")
+        raise FidelityError(f"data packed for fidelities {data.fidelities}, model has {model.fidelities}")
     want_forces = bool(data.forces_mask.any())
     pred = predict_packed(model, data, batch_size, forces=want_forces, device=device)
     result: dict[str, Any] = {"_arrays": {}}

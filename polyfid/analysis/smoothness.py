@@ -17,8 +17,8 @@ import numpy as np
 
 from polyfid.analysis.metrics import predict_packed
 from polyfid.data.batch import PackedData
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
+from polyfid.errors import DataError
 
 _ARRAYS = ("coordinate", "e_model", "e_ref")
 

@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
 def _key_values(items: list[str], option: str) -> dict:
     import yaml
 
-    from polyfid.data.errors import DataError
+    from polyfid.errors import DataError
 
     out = {}
     for item in items:
@@ -74,13 +74,13 @@ def run_potential(args) -> int:
     """polyfid diagnose --potential TRAIN --test TEST: the descriptor diagnostic of a potential."""
     from pathlib import Path
 
-    from polyfid.data.errors import DataError
     from polyfid.diagnose.potentials import (
         DEFAULT_SIZES,
         diagnose_potential,
         load_potential_data,
         write_potential_report,
     )
+    from polyfid.errors import DataError
 
     if not args.test:
         raise DataError("--potential TRAIN needs --test TEST (frames with energies and forces)")
@@ -118,8 +118,8 @@ def _print(d, report, as_json: bool, formula: str | None = None) -> int:
 def run(args) -> int:
     from pathlib import Path
 
-    from polyfid.data.errors import DataError
     from polyfid.diagnose import diagnose, example, read_table, write_report
+    from polyfid.errors import DataError
 
     if args.potential:
         return run_potential(args)

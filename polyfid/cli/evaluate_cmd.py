@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from polyfid.errors import ConfigError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="errors of a model on a labelled data file, per fidelity")
@@ -42,7 +44,8 @@ def run(args) -> int:
     mapping = None
     if args.as_fidelity:
         if len(data.fidelities) != 1:
-            raise KeyError(f"--as needs one label set in the data; it has {data.fidelities} (choose with --fidelity)")
+            raise ConfigError(f"--as needs one label set in the data; it has {data.fidelities} "
+                              "(choose with --fidelity)")
         mapping = {data.fidelities[0]: args.as_fidelity}
     metrics = evaluate(args.model, data, mapping=mapping)
     print(json.dumps(public(metrics), indent=2) if args.json else format_table(metrics))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from polyfid.errors import ConfigError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a trained (e.g. meta-trained) model to a small data set: a new "
@@ -48,7 +50,7 @@ def _read(paths: str | list[str], args, level: str):
     for path in [paths] if isinstance(paths, str) else paths:
         ds = read(path, format=args.format, fidelity=args.fidelity)
         if len(ds.fidelities) != 1:
-            raise KeyError(f"{path}: label sets {ds.fidelities}; choose one with --fidelity")
+            raise ConfigError(f"{path}: label sets {ds.fidelities}; choose one with --fidelity")
         parts.append(ds.rename_fidelity(ds.fidelities[0], level))
     return Dataset.merge(parts) if len(parts) > 1 else parts[0]
 
@@ -67,7 +69,7 @@ def _replay(specs: list[str], args):
         if len(ds.fidelities) == 1 and (level or ds.fidelities[0] == "default"):
             ds.rename_fidelity(ds.fidelities[0], level or Path(path).stem)
         elif level:
-            raise KeyError(f"--replay {spec}: the file has label sets {ds.fidelities}; =LEVEL names a file "
+            raise ConfigError(f"--replay {spec}: the file has label sets {ds.fidelities}; =LEVEL names a file "
                            "with one label set")
         parts.append(ds)
     from polyfid.data.frame import Dataset

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from polyfid.data.errors import DataError
+    from polyfid.errors import DataError
     from polyfid.invariants import invariant_report
 
     try:

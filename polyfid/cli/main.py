@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from polyfid.cli import (
     config_cmd,
@@ -20,32 +21,55 @@ from polyfid.cli import (
     scan_cmd,
     train_cmd,
 )
+from polyfid.errors import PolyfidError
 
 COMMANDS = [train_cmd, meta_train_cmd, finetune_cmd, evaluate_cmd, scan_cmd, predict_cmd, data_cmd, sample_cmd,
             label_cmd, diagnose_cmd, invariants_cmd, config_cmd, demo_cmd]
 
+#: exit status of a user error (bad input, option, model file; a run that cannot go on)
+USER_ERROR = 2
+#: exit status of a bug (anything else escaping polyfid), printed with its traceback
+BUG = 1
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyfid", description="Multi-fidelity machine-learning potentials.")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of every error, user errors included")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.add_parser(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from polyfid.data.errors import DataError
-    from polyfid.label.levels import LevelError
-    from polyfid.sample.structures import SourceError
-    from polyfid.train.config import ConfigError
+def _user_error(e: BaseException) -> bool:
+    # a path the user named that is missing, a folder or unreadable: OSError carries the file name
+    return isinstance(e, PolyfidError) or (
+        isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError))
+        and e.filename is not None
+    )
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (0, 2 for a user error, 1 for a bug)."""
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError, LevelError, SourceError, FileNotFoundError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"polyfid {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"polyfid {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        if _user_error(e):
+            msg = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else e
+            print(f"polyfid {args.command}: error: {msg}", file=sys.stderr)
+            return USER_ERROR
+        if not args.debug:
+            traceback.print_exc()
+        print(f"polyfid {args.command}: internal error ({type(e).__name__}); this is a bug in polyfid, please "
+              "report it with the traceback above", file=sys.stderr)
+        return BUG
 
 
 if __name__ == "__main__":

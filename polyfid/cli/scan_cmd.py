@@ -31,8 +31,8 @@ TABLE = ("{:<28}{:>7}{:>11}{:>11}{:>9}{:>13}{:>9}{:>10}{:>10}{:>9}",
 def run(args) -> int:
     from polyfid.analysis.smoothness import plot_scan, scan_report
     from polyfid.api import align_fidelities
-    from polyfid.data.errors import DataError
     from polyfid.data.readers import read
+    from polyfid.errors import DataError
     from polyfid.models import load_model
 
     model = load_model(args.model)

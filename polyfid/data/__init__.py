@@ -1,9 +1,9 @@
 """Data model (frames with labels per fidelity), readers, splits and summaries. Units: eV and Å."""
 
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
 from polyfid.data.readers import READERS, load_dataset, read
 from polyfid.data.splits import nested_subsets, random_subset, split_indices
+from polyfid.errors import DataError
 
 __all__ = [
     "READERS",

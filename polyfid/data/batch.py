@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
+from polyfid.errors import DataError
 from polyfid.neighbors import neighbor_pairs
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from polyfid.data.errors import DataError
 from polyfid.data.merge import MERGE_TOLERANCE, MergeReport, merge_frames
+from polyfid.errors import DataError
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from polyfid.data.errors import DataError
+from polyfid.errors import DataError
 
 if TYPE_CHECKING:  # frame.py imports this module
     from polyfid.data.frame import Frame, Labels

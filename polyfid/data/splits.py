@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from polyfid.data.errors import DataError
+from polyfid.errors import DataError
 
 
 def _sizes(n: int, parts: Sequence[float] | Sequence[int]) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ase import units as _u
 
-from polyfid.data.errors import DataError
+from polyfid.errors import DataError
 
 #: factor that converts an energy in the named unit to eV
 ENERGY_UNITS: dict[str, float] = {

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from polyfid.errors import DataError
 from polyfid.models.layers.tensors import (
     INVARIANTS,
     cartesian_harmonics,
@@ -90,7 +91,7 @@ def element_index(species: torch.Tensor, elements: Sequence[int]) -> torch.Tenso
         len(elements), device=species.device)
     idx = table.index_select(0, species.long())
     if idx.numel() and int(idx.min()) < 0:
-        raise ValueError(f"atomic numbers {sorted(set(species[idx < 0].tolist()))} are not in elements "
+        raise DataError(f"atomic numbers {sorted(set(species[idx < 0].tolist()))} are not in elements "
                          f"{list(elements)}")
     return idx
 

@@ -68,7 +68,6 @@ import numpy as np
 import torch
 
 from polyfid.data.batch import Batch, PackedData
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
 from polyfid.descriptors.moments import (
     BesselRadial,
@@ -78,6 +77,7 @@ from polyfid.descriptors.moments import (
     SlotDerivatives,
     element_index,
 )
+from polyfid.errors import ConfigError, DataError
 
 DEFAULT_SIZES = (50, 100, 250, 500, 950)
 LINEAR_MODELS = ("linear_invariants", "multilinear_invariants")
@@ -874,7 +874,7 @@ def diagnose_potential(
         raise DataError(f"no training size fits the {len(data.train)} training frames")
     unknown = set(networks) - set(NETWORKS)
     if unknown:
-        raise ValueError(f"unknown network(s) {sorted(unknown)}; expected among {list(NETWORKS)}")
+        raise ConfigError(f"unknown network(s) {sorted(unknown)}; expected among {list(NETWORKS)}")
     out = Path(out)
     elements = data.elements
     fid = data.fidelity

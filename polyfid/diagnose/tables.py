@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polyfid.data.errors import DataError
+from polyfid.errors import DataError
 
 EXAMPLES = ("diabetes", "xtb-molecules")
 CACHE = Path.home() / ".cache" / "polyfid"

@@ -15,6 +15,8 @@ import itertools
 from dataclasses import dataclass
 from string import ascii_lowercase
 
+from polyfid.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class TensorType:
@@ -156,13 +158,13 @@ def parse_contraction(text: str, types: list[TensorType]) -> Contraction:
     for token in text.split():
         name, _, idx = token.partition("_")
         if name not in by_name:
-            raise ValueError(f"{text!r}: unknown tensor {name!r}; expected one of {sorted(by_name)}")
+            raise ConfigError(f"{text!r}: unknown tensor {name!r}; expected one of {sorted(by_name)}")
         order = types[by_name[name]].order
         if len(idx) != order:
-            raise ValueError(f"{text!r}: {token!r} has {len(idx)} indices, {name} has order {order}")
+            raise ConfigError(f"{text!r}: {token!r} has {len(idx)} indices, {name} has order {order}")
         factors.append((by_name[name], idx))
     if not factors:
-        raise ValueError("empty contraction")
+        raise ConfigError("empty contraction")
     order = sorted(range(len(factors)), key=lambda k: factors[k][0])
     nodes = tuple(factors[k][0] for k in order)
     where: dict[str, list[int]] = {}
@@ -172,11 +174,11 @@ def parse_contraction(text: str, types: list[TensorType]) -> Contraction:
     adj: dict[tuple[int, int], int] = {}
     for c, at in where.items():
         if len(at) != 2 or at[0] == at[1]:
-            raise ValueError(f"{text!r}: index {c!r} must appear exactly twice, on two different factors")
+            raise ConfigError(f"{text!r}: index {c!r} must appear exactly twice, on two different factors")
         key = (min(at), max(at))
         adj[key] = adj.get(key, 0) + 1
     if not _connected(len(nodes), adj):
-        raise ValueError(f"{text!r} is a product of smaller invariants (its graph is disconnected)")
+        raise ConfigError(f"{text!r} is a product of smaller invariants (its graph is disconnected)")
     return Contraction(nodes, _canonical(nodes, adj))
 
 

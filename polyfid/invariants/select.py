@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from polyfid.errors import ConfigError
 from polyfid.invariants.graphs import Contraction, TensorType, enumerate_contractions
 from polyfid.invariants.jacobian import DTYPE, coordinates_from_tensors, jacobian, n_coordinates, orbit_dimension
 from polyfid.models.layers.tensors import cartesian_harmonics, split_orders
@@ -217,9 +218,9 @@ def invariant_report(l_max: int = 3, max_tensors: int = 4, n_points: int = 2, se
     from polyfid.invariants.graphs import parse_contraction
 
     if not 0 <= l_max <= 3:
-        raise ValueError(f"l_max must be 0..3 (Cartesian harmonics are built up to l = 3), got {l_max}")
+        raise ConfigError(f"l_max must be 0..3 (Cartesian harmonics are built up to l = 3), got {l_max}")
     if not 1 <= max_tensors <= 6:
-        raise ValueError(f"max_tensors must be 1..6, got {max_tensors}")
+        raise ConfigError(f"max_tensors must be 1..6, got {max_tensors}")
     types = hiphop_types(l_max)
     points = random_points(types, n_points, seed)
     cands = enumerate_contractions(types, max_tensors)

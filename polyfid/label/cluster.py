@@ -12,13 +12,15 @@ import contextlib
 from collections.abc import Iterator
 from concurrent.futures import Executor
 
+from polyfid.errors import ConfigError
+
 
 @contextlib.contextmanager
 def _dask_client(address: str, workers: int, threads_per_worker: int):
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError as e:
-        raise RuntimeError(f"labelling on a Dask cluster needs dask[distributed] ({e}); "
+        raise ConfigError(f"labelling on a Dask cluster needs dask[distributed] ({e}); "
                            "pip install 'polyfid[cluster]'") from None
     if address == "local":
         n = str(threads_per_worker)

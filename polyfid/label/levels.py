@@ -13,14 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 from ase.units import Bohr, Hartree
 
+from polyfid.errors import CalculationFailed, LevelError  # noqa: F401  (re-exported)
+
 XTB_METHODS = {"gfn1-xtb": "GFN1-xTB", "gfn2-xtb": "GFN2-xTB"}
 WAVEFUNCTION_METHODS = ("hf", "mp2", "ccsd", "ccsd(t)")
 #: methods whose analytic nuclear gradients PySCF provides
 ANALYTIC_GRADIENTS = ("hf", "mp2", "ccsd", "dft")
-
-
-class LevelError(ValueError):
-    """A level of theory that cannot be parsed or computed as asked."""
 
 
 @dataclass(frozen=True)
@@ -65,10 +63,6 @@ def parse_level(text: str) -> Level:
             raise LevelError(f"level {text!r}: {method!r} is neither hf/mp2/ccsd/ccsd(t) nor a functional "
                              f"PySCF knows ({e})") from None
     return Level(name, "pyscf", method, basis)
-
-
-class CalculationFailed(RuntimeError):
-    """A calculation that ran but gave no usable result (SCF not converged, …)."""
 
 
 def compute(

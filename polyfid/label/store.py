@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
+from polyfid.errors import DataError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from polyfid.errors import ConfigError, ModelFileError
 from polyfid.models.branched import BranchedPotential
 from polyfid.models.delta import DeltaPotential
 from polyfid.models.embedding import FidelityEmbeddingPotential
@@ -41,12 +42,12 @@ def build_potential(model_config: dict[str, Any], species: Sequence[int], fideli
     embed = int(cfg.pop("fidelity_embedding", 0) or 0)
     own_blocks = int(cfg.pop("fidelity_blocks", 0) or 0)
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
+        raise ConfigError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
     cfg = {k: v for k, v in cfg.items() if v is not None}  # unset architecture-specific options
     try:
         rep = ARCHITECTURES[name](n_species=len(species) + embed, **cfg)
     except TypeError as e:
-        raise ValueError(f"architecture {name!r}: {e}") from None
+        raise ConfigError(f"architecture {name!r}: {e}") from None
     if embed:
         pot: Potential = FidelityEmbeddingPotential(rep, species, fidelities, embed)
     elif own_blocks and len(fidelities) > 1:
@@ -130,7 +131,7 @@ def model_config_of(d: dict) -> dict[str, Any]:
 
 def model_from_dict(d: dict, source: str = "model") -> Potential | DeltaPotential:
     if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{source}: not a polyfid model file (format key missing or wrong)")
+        raise ModelFileError(f"{source}: not a polyfid model file (format key missing or wrong)")
     if d.get("kind") == "delta":
         base, delta = model_from_dict(d["base"], source), model_from_dict(d["delta"], source)
         return DeltaPotential(base, delta, d["target"], d["base_fidelity"])

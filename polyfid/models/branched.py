@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from polyfid.errors import ConfigError
 from polyfid.models.potential import PassPerHeadPotential
 
 
@@ -31,7 +32,7 @@ class BranchedPotential(PassPerHeadPotential):
         super().__init__(representation, species, fidelities)
         n_blocks = len(representation.blocks)
         if not 0 < own_blocks < n_blocks:
-            raise ValueError(f"fidelity_blocks: each fidelity can own 1..{n_blocks - 1} of the network's {n_blocks} "
+            raise ConfigError(f"fidelity_blocks: each fidelity can own 1..{n_blocks - 1} of the network's {n_blocks} "
                              f"interaction blocks (at least one stays shared), not {own_blocks}")
         self.own_blocks = int(own_blocks)
         self.tails = nn.ModuleList([representation.make_tail(own_blocks) for _ in self.fidelities[1:]])

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from polyfid.data.batch import Batch
+from polyfid.errors import FidelityError
 from polyfid.models.potential import Potential
 
 
@@ -51,7 +52,7 @@ class DeltaPotential(nn.Module):
         if fidelity is None:
             return len(self.fidelities) - 1
         if fidelity not in self.fidelities:
-            raise KeyError(f"this model has no fidelity {fidelity!r}; it has {self.fidelities}")
+            raise FidelityError(f"this model has no fidelity {fidelity!r}; it has {self.fidelities}")
         return self.fidelities.index(fidelity)
 
     def _species(self, numbers: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from polyfid.data.batch import Batch, PackedData
-from polyfid.data.errors import DataError
+from polyfid.errors import DataError, FidelityError
 from polyfid.models.layers.geometry import PairGeometry
 
 
@@ -55,7 +55,7 @@ class Potential(nn.Module):
         if fidelity is None:
             return 0
         if fidelity not in self.fidelities:
-            raise KeyError(f"this model has no fidelity {fidelity!r}; it has {self.fidelities}")
+            raise FidelityError(f"this model has no fidelity {fidelity!r}; it has {self.fidelities}")
         return self.fidelities.index(fidelity)
 
     def _species(self, numbers: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from polyfid.errors import ConfigError
+
 
 def inverse_distance_descriptor(structures: Sequence) -> np.ndarray:
     """(n_structures, D) sorted inverse distances per element pair (1/Å) of ASE Atoms or Frames."""
@@ -66,13 +68,13 @@ def farthest_point(structures: Sequence, k: int, first: int | None = None, seed:
     allowed[list(exclude)] = False
     n_allowed = int(allowed.sum())
     if k > n_allowed:
-        raise ValueError(f"cannot select {k} structures from {n_allowed} available")
+        raise ConfigError(f"cannot select {k} structures from {n_allowed} available")
     if k <= 0:
         return []
     if first is None:
         first = int(np.random.default_rng(seed).choice(np.flatnonzero(allowed)))
     elif not allowed[first]:
-        raise ValueError(f"first structure {first} is excluded")
+        raise ConfigError(f"first structure {first} is excluded")
     picked = [first]
     dmin = np.linalg.norm(x - x[first], axis=1)
     dmin[~allowed] = -np.inf

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class SourceError(ValueError):
-    """A structure source that is neither a readable file, an ASE molecule name nor SMILES."""
+from polyfid.errors import SourceError  # noqa: F401  (re-exported)
 
 
 def from_smiles(smiles: str, seed: int = 0):

@@ -15,9 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the key path and what was expected."""
+from polyfid.errors import ConfigError  # noqa: F401  (re-exported)
 
 
 def opt(default: Any, doc: str, **kw: Any) -> Any:
@@ -57,6 +55,14 @@ class DataConfig:
         "order, same cell, pbc, charge and multiplicity, every position within this) are merged into one frame "
         "carrying every file's label sets, within train, validation and test each, before the validation split; "
         "null: no merging"
+    )
+    min_distance: float = opt(
+        0.1, "Å; frames with two atoms closer than this are refused (a DataError naming the file, frame and atoms): "
+        "coincident atoms turn every weight of a network into NaN"
+    )
+    max_extent: float = opt(
+        1000.0, "Å; non-periodic frames whose atoms span more than this along x, y or z are refused (a fragment "
+        "flown off in MD); neighbour lists over such a box fail"
     )
 
 

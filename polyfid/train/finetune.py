@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from polyfid.data.batch import PackedData
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
 from polyfid.data.splits import split_indices
+from polyfid.errors import DataError
 from polyfid.models import BranchedPotential, atomic_write, build_potential, load_model, model_dict
 from polyfid.models.potential import Potential
 from polyfid.train.config import ConfigError, OutputConfig, TrainingConfig, from_dict

@@ -30,8 +30,8 @@ import torch
 
 from polyfid.analysis.metrics import error_metrics, public
 from polyfid.data.batch import PackedData
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
+from polyfid.errors import DataError
 from polyfid.models import atomic_write, build_potential, load_model, model_dict, read_checkpoint
 from polyfid.models.potential import Potential
 from polyfid.numerics import flush_denormals

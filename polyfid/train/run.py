@@ -15,11 +15,11 @@ import torch
 from polyfid.analysis.metrics import error_metrics, public
 from polyfid.analysis.plots import plot_loss_curves, plot_parity
 from polyfid.data.batch import PackedData
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
 from polyfid.data.merge import MERGE_TOLERANCE
 from polyfid.data.readers import read
 from polyfid.data.splits import parse_slice, split_indices
+from polyfid.errors import DataError
 from polyfid.models import DeltaPotential, Potential
 from polyfid.train.config import Config, DataConfig, DatasetSpec, load_config
 from polyfid.train.strategies import DTYPES, fit_strategy

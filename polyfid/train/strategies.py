@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from polyfid.data.batch import PackedData
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Labels
 from polyfid.data.merge import files_per_fidelity
+from polyfid.errors import DataError
 from polyfid.models import (
     BranchedPotential,
     DeltaPotential,
@@ -349,7 +349,7 @@ def warm_start(model: Potential, source: Potential, col: int) -> None:
     `col`. Tensors that differ in size (an embedding's wider input) get the overlapping part
     and zeros elsewhere, so that the new model starts out predicting what `source` does."""
     if list(model.species) != list(source.species):
-        raise ValueError(f"cannot start from a model of species {source.species}: this one has {model.species}")
+        raise DataError(f"cannot start from a model of species {source.species}: this one has {model.species}")
     dst = model.representation.state_dict()
     for k, v in source.representation.state_dict().items():
         if k in dst:

@@ -20,9 +20,9 @@ from polyfid.analysis.smoothness import (
     predict_path,
     scan_report,
 )
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
 from polyfid.data.readers import read
+from polyfid.errors import DataError
 from polyfid.models import build_potential, save_model
 
 TINY = {"architecture": "hipnn", "n_features": 8, "n_sensitivities": 4, "n_interactions": 1, "n_atom_layers": 1,

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from polyfid.data.errors import DataError
 from polyfid.diagnose import diagnose, read_table, reset_test, write_report
 from polyfid.diagnose.features import FeatureLibrary, PerVariableTransform
 from polyfid.diagnose.sisso import SissoRegressor
+from polyfid.errors import DataError
 
 
 def additive_table(n: int = 200, noise: float = 0.05, seed: int = 0):

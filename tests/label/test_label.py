@@ -132,8 +132,8 @@ def test_cost_estimate_times_a_sample_and_keeps_its_results(tmp_path) -> None:
 
 
 def test_store_reads_back_through_the_data_layer(tmp_path) -> None:
-    from polyfid.data.errors import DataError
     from polyfid.data.readers import read
+    from polyfid.errors import DataError
 
     frames = water_frames(3)
     store = tmp_path / "labels.sqlite"

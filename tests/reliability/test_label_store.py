@@ -25,8 +25,8 @@ from ase import Atoms
 from ase.build import molecule
 
 from polyfid.cli.main import main
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Frame
+from polyfid.errors import DataError
 from polyfid.label import LabelStore, LevelError, check_frames, compute, estimate_cost, frame_key, label_frames
 from polyfid.label.store import HOST
 

@@ -186,7 +186,7 @@ def test_meta_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
 
 
 def test_meta_train_refuses_a_single_task(tmp_path):
-    from polyfid.data.errors import DataError
+    from polyfid.errors import DataError
 
     with pytest.raises(DataError, match="two tasks"):
         meta_train(load_config(meta_cfg(tmp_path)), toy_dataset(8), None, tmp_path)
@@ -285,7 +285,7 @@ def test_meta_train_and_finetune_commands(tmp_path):
 def test_finetune_with_replay_trains_the_old_heads_alongside(tmp_path, saved_model):
     import csv
 
-    from polyfid.data.errors import DataError
+    from polyfid.errors import DataError
     from polyfid.train.config import ConfigError
 
     source = load_model(saved_model)
@@ -355,7 +355,7 @@ def test_anchor_pulls_the_backbone_towards_the_loaded_weights(tmp_path, saved_mo
 
 
 def test_finetune_rejects_unknown_elements(tmp_path, saved_model):
-    from polyfid.data.errors import DataError
+    from polyfid.errors import DataError
 
     ds = scaled(toy_dataset(4), "c", 1.0)
     ds[0].numbers[0] = 7

@@ -15,8 +15,8 @@ from conftest import toy_molecules
 from polyfid.api import evaluate, predict
 from polyfid.calculators.ase import PolyfidCalculator
 from polyfid.data.batch import PackedData
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
+from polyfid.errors import DataError
 from polyfid.models import BranchedPotential, DeltaPotential, Potential, build_potential, load_model
 from polyfid.train.config import ConfigError, TrainingConfig, load_config
 from polyfid.train.run import run_training

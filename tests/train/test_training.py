@@ -10,8 +10,8 @@ import torch
 from conftest import needs_ftz, tiny_config, toy_dataset
 
 from polyfid.data.batch import PackedData
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
+from polyfid.errors import DataError
 from polyfid.models import build_potential
 from polyfid.train.config import ConfigError, TrainingConfig, load_config
 from polyfid.train.losses import loss_terms, pointwise, total_loss

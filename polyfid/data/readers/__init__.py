@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
 from polyfid.data.merge import MERGE_TOLERANCE
 from polyfid.data.readers.ase_io import read_ase, read_ase_db
@@ -32,6 +31,7 @@ from polyfid.data.readers.label_store import read_label_store
 from polyfid.data.readers.npz import read_npz
 from polyfid.data.readers.pyseqm import read_pyseqm
 from polyfid.data.readers.qm22 import read_qm22
+from polyfid.errors import DataError
 
 #: format name -> reader ``f(path, fidelity=None, **options) -> Dataset``
 READERS: dict[str, Callable[..., Dataset]] = {

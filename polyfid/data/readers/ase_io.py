@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
 from polyfid.data.units import energy_factor, force_factor, length_factor
+from polyfid.errors import DataError
 
 _DEFAULT_KEYS = {"energy": "energy", "forces": "forces", "stress": "stress"}
 

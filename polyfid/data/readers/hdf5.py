@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
 from polyfid.data.units import energy_factor, force_factor, length_factor
+from polyfid.errors import DataError
 
 
 def _species_to_numbers(species: np.ndarray, where: str) -> np.ndarray:

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset
+from polyfid.errors import DataError
 
 
 def fidelity_name(level: str) -> str:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
 from polyfid.data.units import energy_factor, force_factor, length_factor
+from polyfid.errors import DataError
 
 #: default levels of a revised-MD17 file: fidelity name -> (energy key, forces key)
 RMD17_LEVELS: dict[str, tuple[str | None, str | None]] = {

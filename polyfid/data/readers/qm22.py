@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from polyfid.data.errors import DataError
 from polyfid.data.frame import Dataset, Frame, Labels
 from polyfid.data.units import energy_factor, force_factor, length_factor
+from polyfid.errors import DataError
 
 
 def _header_int(text: str, path: Path, line: int, frame: int) -> int:
