@@ -47,6 +47,20 @@ def toy_dataset(n_frames: int, seed: int = 0, fidelity: str = "lj") -> Dataset:
     return Dataset(frames, name="toy")
 
 
+def two_level_data(n: int = 24, n_hi: int = 8, seed: int = 0) -> Dataset:
+    """lo: LJ energies and forces on every frame; hi: a different LJ's energies on the
+    first n_hi frames only (forces of hi exist nowhere)."""
+    frames = []
+    for k, a in enumerate(toy_molecules(n, seed)):
+        labels = {"lo": Labels(a.get_potential_energy(), a.get_forces())}
+        if k < n_hi:
+            b = a.copy()
+            b.calc = LennardJones(sigma=0.95, epsilon=0.12, rc=3.0, smooth=True)
+            labels["hi"] = Labels(energy=b.get_potential_energy() + 0.5 * len(a))
+        frames.append(Frame(a.numbers, a.positions, labels, source=f"toy:{k}"))
+    return Dataset(frames, name="toy2")
+
+
 @pytest.fixture
 def toy_xyz(tmp_path: Path) -> Path:
     """An extxyz file of 40 toy molecules with energy and forces."""

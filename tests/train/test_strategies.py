@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from ase.calculators.lj import LennardJones
-from conftest import toy_molecules
+from conftest import toy_molecules, two_level_data
 
 from polyfid.api import evaluate, predict
 from polyfid.calculators.ase import PolyfidCalculator
@@ -32,20 +32,6 @@ from polyfid.train.strategies import (
 from polyfid.train.trainer import Trainer, batch_order
 
 MODEL = {"n_features": 8, "n_sensitivities": 4, "n_interactions": 1, "n_atom_layers": 1, "cutoff": 3.0}
-
-
-def two_level_data(n: int = 24, n_hi: int = 8, seed: int = 0) -> Dataset:
-    """lo: LJ energies and forces on every frame; hi: a different LJ's energies on the
-    first n_hi frames only (forces of hi exist nowhere)."""
-    frames = []
-    for k, a in enumerate(toy_molecules(n, seed)):
-        labels = {"lo": Labels(a.get_potential_energy(), a.get_forces())}
-        if k < n_hi:
-            b = a.copy()
-            b.calc = LennardJones(sigma=0.95, epsilon=0.12, rc=3.0, smooth=True)
-            labels["hi"] = Labels(energy=b.get_potential_energy() + 0.5 * len(a))
-        frames.append(Frame(a.numbers, a.positions, labels, source=f"toy:{k}"))
-    return Dataset(frames, name="toy2")
 
 
 def config(tmp_path, name: str, **strategy) -> dict:
