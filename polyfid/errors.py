@@ -55,6 +55,11 @@ class CalculationFailed(PolyfidError, RuntimeError):
     """A quantum-chemistry calculation that failed for one structure (recorded, not fatal)."""
 
 
+class LabellingAborted(PolyfidError, RuntimeError):
+    """A labelling run that cannot go on (a worker process died, e.g. killed for memory); every
+    result finished before is in the store, and rerunning the command continues."""
+
+
 class SourceError(PolyfidError, ValueError):
     """A structure source (SMILES, file) that cannot be turned into structures."""
 

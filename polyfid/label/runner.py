@@ -22,12 +22,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from polyfid.data.frame import Frame
+from polyfid.errors import LabellingAborted
 from polyfid.label.levels import CalculationFailed, Level, LevelError, compute, parse_level
 from polyfid.label.store import CLAIM_TIMEOUT, LabelStore, frame_key
 
@@ -302,7 +303,10 @@ def _run(frames, todo: dict[str, int], level, store: LabelStore, forces, workers
                     for fut in finished:
                         k = futures.pop(fut)
                         i = todo[k]
-                        e, f, secs, reason, worker = fut.result()
+                        try:
+                            e, f, secs, reason, worker = fut.result()
+                        except BrokenExecutor as err:  # a worker died: the pool cannot go on
+                            raise _worker_lost(frames, todo, [k, *futures.values()], len(computed)) from err
                         store.put(frames[i], level, e, None if f is None else np.asarray(f), secs, reason)
                         computed.add(k)
                         used[worker] = used.get(worker, 0) + 1
@@ -324,6 +328,15 @@ def _run(frames, todo: dict[str, int], level, store: LabelStore, forces, workers
                 for fut in futures:
                     fut.cancel()
     return computed, failed, used
+
+
+def _worker_lost(frames, todo: dict[str, int], keys: list[str], stored: int) -> LabellingAborted:
+    names = [frames[todo[k]].source or f"frame {todo[k]}" for k in keys]
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return LabellingAborted(
+        f"a labelling worker died (killed, e.g. by the out-of-memory killer, or crashed inside the engine) while "
+        f"computing {', '.join(names[:5])}{more}; the {stored} results this run finished are in the store. Run the "
+        "same command again to continue (with fewer --workers or more memory if a worker ran out of it)")
 
 
 #: cost ~ n_atoms**p: formal scaling of each kind of method (xTB and SCF costs are dominated by

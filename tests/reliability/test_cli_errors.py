@@ -37,6 +37,7 @@ USER_ERRORS = [
     errors.SourceError("'C1CC': not a file, an ASE molecule name or SMILES"),
     errors.TrainingDiverged("step 12: the loss is NaN"),
     errors.CalculationFailed("SCF did not converge"),
+    errors.LabellingAborted("a labelling worker died while computing w.xyz:3"),
     FileNotFoundError(2, "No such file or directory", "missing.xyz"),
     IsADirectoryError(21, "Is a directory", "folder.xyz"),
 ]
@@ -92,6 +93,7 @@ def test_every_polyfid_error_is_a_builtin_error_too() -> None:
     builtin = {errors.DataError: ValueError, errors.GeometryError: ValueError, errors.ConfigError: ValueError,
                errors.ModelFileError: ValueError, errors.LevelError: ValueError, errors.SourceError: ValueError,
                errors.FidelityError: KeyError, errors.CalculationFailed: RuntimeError,
+               errors.LabellingAborted: RuntimeError,
                errors.TrainingDiverged: RuntimeError}
     classes = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.PolyfidError)}
     assert classes - {errors.PolyfidError} == set(builtin)

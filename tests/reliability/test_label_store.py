@@ -197,36 +197,49 @@ def test_claims_are_exclusive_and_released(tmp_path) -> None:
         assert c.claims() == []  # closing a store releases its claims
 
 
-def test_claims_of_dead_or_silent_owners_are_taken_over(tmp_path) -> None:
-    frames = water_frames(6)
-    keys = [frame_key(f) for f in frames]
+OWNERS = {  # who holds a claim -> whether another store may take it over
+    "owner process gone": True,
+    "owner process a zombie": True,
+    "another host, not renewed for 61 s": True,
+    "this process, no open store holds the token": True,
+    "another host, renewed": False,
+    "a live process here": False,
+}
+
+
+@pytest.mark.parametrize("owner", list(OWNERS))
+def test_claims_of_dead_or_silent_owners_are_taken_over(tmp_path, owner) -> None:
+    key = frame_key(water_frames(1)[0])
     path = tmp_path / "s.sqlite"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # reaped: the pid no longer exists
-    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
-    wait_for(lambda: _state(zombie.pid) == "Z", 30, "a zombie")  # exited, not reaped
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    procs: list[subprocess.Popen] = []
     now = time.time()
+    if owner == "owner process gone":
+        procs.append(subprocess.Popen([sys.executable, "-c", "pass"]))
+        procs[0].wait()  # reaped: the pid no longer exists
+        holder = (HOST, procs[0].pid, now)
+    elif owner == "owner process a zombie":
+        procs.append(subprocess.Popen([sys.executable, "-c", "pass"]))
+        wait_for(lambda: _state(procs[0].pid) == "Z", 30, "a zombie")  # exited, not reaped
+        holder = (HOST, procs[0].pid, now)
+    elif owner == "a live process here":
+        procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        holder = (HOST, procs[0].pid, now)
+    else:
+        holder = {"another host, not renewed for 61 s": ("elsewhere", 12345, now - 61),
+                  "this process, no open store holds the token": (HOST, os.getpid(), now),
+                  "another host, renewed": ("elsewhere", 12345, now)}[owner]
     try:
         with LabelStore(path) as st:
             st.claim([], LEVEL)  # creates the claims table
-            owners = [
-                (HOST, dead.pid, now),  # owner process gone
-                (HOST, zombie.pid, now),  # owner process dead but not reaped
-                ("elsewhere", 12345, now - 61),  # another host, not renewed for 61 s
-                (HOST, os.getpid(), now),  # this process, but no open store of it holds the token
-                ("elsewhere", 12345, now),  # another host, renewed: busy
-                (HOST, alive.pid, now),  # a live process here: busy
-            ]
             with sqlite3.connect(path) as con:
-                con.executemany("INSERT INTO claims VALUES (?, ?, ?, ?, ?, ?)",
-                                [(k, LEVEL, h, p, f"t{i}", hb) for i, (k, (h, p, hb)) in enumerate(zip(keys, owners))])
+                con.execute("INSERT INTO claims VALUES (?, ?, ?, ?, ?, ?)", (key, LEVEL, *holder[:2], "t", holder[2]))
             con.close()
-            assert st.claim(keys, LEVEL) == (keys[:4], [], keys[4:])
+            taken = st.claim([key], LEVEL)
+            assert taken == (([key], [], []) if OWNERS[owner] else ([], [], [key]))
     finally:
-        alive.kill()
-        alive.wait()
-        zombie.wait()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def _state(pid: int) -> str:
@@ -428,28 +441,59 @@ def test_non_finite_results_are_stored_as_failures(tmp_path) -> None:
 
 
 # ---- 5. workers die with their parent ------------------------------------------------------------
-def test_workers_die_with_a_killed_labelling_run(tmp_path) -> None:
+# (what is killed, with which signal, workers, forces, finished results before the kill)
+KILLS = [
+    ("parent", "SIGKILL", 2, True, 2),
+    ("parent", "SIGKILL", 1, True, 2),
+    ("parent", "SIGKILL", 2, False, 2),
+    ("parent", "SIGKILL", 1, False, 4),
+    ("parent", "SIGKILL", 2, True, 1),  # early: the first result just in
+    ("parent", "SIGKILL", 2, True, 24),  # late: most of the work done
+    ("parent", "SIGTERM", 2, True, 2),  # Python's default: dies at once, no cleanup either
+    ("group", "SIGKILL", 2, True, 2),  # the whole process group, as a job scheduler does
+    ("group", "SIGKILL", 1, False, 2),
+    ("worker", "SIGKILL", 2, True, 2),  # one worker, as the out-of-memory killer does
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, sig, workers, forces, after", KILLS)
+def test_a_labelling_run_killed_while_computing_loses_nothing(tmp_path, target, sig, workers, forces, after) -> None:
+    """A real `polyfid label` process, killed while it computes: no worker or resource tracker
+    outlives it holding memory or its stdout (killing one worker instead ends the run with a
+    clear error, exit 2), the store is intact, and a rerun computes only what was not finished."""
     psutil = pytest.importorskip("psutil")
     frames = water_frames(40)
     xyz, store = write_xyz(tmp_path / "w.extxyz", frames), tmp_path / "s.sqlite"
-    proc = subprocess.Popen(label_cmd(xyz, store, "--forces", "--workers", "2"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env(0.3))
+    flags = ["--workers", str(workers)] + (["--forces"] if forces else [])
+    # "group": the command leads a process group of its own (as under a shell's job control), so
+    # that killing the group does not kill the test
+    proc = subprocess.Popen(label_cmd(xyz, store, *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env(0.3), process_group=0 if target == "group" else None)
     eof = threading.Event()
+    output: list[bytes] = []
 
     def drain() -> None:  # read the command's output until every holder of the pipe is gone
-        while proc.stdout.read(4096):
-            pass
+        while chunk := proc.stdout.read(4096):
+            output.append(chunk)
         eof.set()
 
     threading.Thread(target=drain, daemon=True).start()
     children: list = []
     try:
-        wait_for(lambda: len(ok_rows(store)) >= 2, 120, "computing", proc)
+        wait_for(lambda: len(ok_rows(store)) >= after, 120, f"{after} results", proc)
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 2  # two workers (and multiprocessing's resource tracker)
+        assert len(children) >= workers  # the workers (and multiprocessing's resource tracker)
         assert all(os.getpgid(c.pid) == os.getpgid(proc.pid) for c in children)  # in the caller's group
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        signum = getattr(signal, sig)
+        if target == "parent":
+            proc.send_signal(signum)
+        elif target == "group":
+            os.killpg(proc.pid, signum)
+        else:
+            workers_only = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
+            workers_only[0].send_signal(signum)
+        rc = proc.wait(timeout=60)
 
         def gone(p) -> bool:
             try:
@@ -466,15 +510,45 @@ def test_workers_die_with_a_killed_labelling_run(tmp_path) -> None:
                     p.kill()
                 except psutil.NoSuchProcess:
                     pass
+    text = b"".join(output).decode(errors="replace")
+    if target == "worker":
+        assert rc == 2, text
+        assert "a labelling worker died" in text and "w.extxyz:" in text and "Traceback" not in text
+    else:
+        assert rc == -getattr(signal, sig)
     before = ok_rows(store)
-    assert 2 <= len(before) < 40, f"{len(before)} finished: the kill was not mid-run"
+    assert after <= len(before) < 40, f"{len(before)} finished: the kill was not mid-run"
     con = sqlite3.connect(store)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT COUNT(*) FROM claims").fetchone()[0] in (0, *range(1, 2 * workers + 1))
     con.close()
-    rep = label_frames(frames, LEVEL, store, forces=True, progress=False)
-    assert (rep.computed, rep.cached) == (40 - len(before), len(before))
-    after = ok_rows(store)
-    assert len(after) == 40 and all(after[k] == v for k, v in before.items())  # nothing finished was redone
+    rep = label_frames(frames, LEVEL, store, forces=forces, progress=False)
+    assert (rep.computed, rep.cached) == (40 - len(before), len(before))  # claims of the dead run taken over
+    done = ok_rows(store)
+    assert len(done) == 40 and all(done[k] == v for k, v in before.items())  # nothing finished was redone
+
+
+def test_a_run_beside_a_killed_one_finishes_its_work(tmp_path) -> None:
+    """Two runs on one store; one is SIGKILLed mid-run: the other takes over its claims and
+    completes the store, computing each structure not finished by the dead run exactly once."""
+    frames = water_frames(24)
+    xyz, store = write_xyz(tmp_path / "w.extxyz", frames), tmp_path / "s.sqlite"
+    cmd = label_cmd(xyz, store, "--forces", "--workers", "1")
+    a = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(0.4))
+    try:
+        wait_for(lambda: len(ok_rows(store)) >= 2, 120, "a first result", a)
+        b = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(0.4))
+        wait_for(lambda: len(ok_rows(store)) >= 5, 120, "both running", b)
+        a.kill()
+        a.wait()
+        killed_with = len(ok_rows(store))
+        out_b = b.communicate(timeout=300)[0]
+    finally:
+        a.kill()
+    assert b.returncode == 0, out_b
+    rows = ok_rows(store)
+    assert len(rows) == 24 and all(has_f for _, has_f in rows.values())
+    assert computed(out_b) <= 24 - 2 and computed(out_b) >= 24 - killed_with
 
 
 # ---- 6. charge and multiplicity must fit the electron count ---------------------------------------
