@@ -1,4 +1,6 @@
-"""Floating-point settings of the CPU that training and inference run under.
+"""Where and how training and inference compute: the device (`resolve_device`), torch's CPU
+threads (`set_threads`) and the floating-point mode of the CPU (`flush_denormals`). Every
+device string of a configuration or argument becomes a torch.device here, and nowhere else.
 
 Subnormal ("denormal") floats, magnitudes below 1.2e-38 in float32, take a slow microcode path
 on many x86 CPUs. They appear as training goes on (Gaussian sensitivities of pairs far from a
@@ -20,6 +22,41 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+from polyfid.errors import ConfigError
+
+
+def resolve_device(device: str | torch.device | None, where: str = "device") -> torch.device:
+    """`device` (cpu, cuda, cuda:N, mps; None: cpu) as a torch.device this machine has, else a
+    ConfigError naming `where`: torch would otherwise fail deep inside the first .to() with
+    a traceback, after the data are read and the model built."""
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(device or "cpu")
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"{where}: expected cpu, cuda, cuda:N or mps, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+                   else "no GPU is visible")
+            raise ConfigError(f"{where}: {str(device)!r} asked but this machine has no CUDA device ({why}); use cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"{where}: {str(device)!r} asked but this machine has {n} CUDA device(s) "
+                              f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{where}: 'mps' asked but this machine has no Apple GPU available to torch; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{where}: expected cpu, cuda, cuda:N or mps, got {device!r}")
+    return dev
+
+
+def set_threads(n: int | None) -> None:
+    """torch's CPU threads (None: torch's default, left as it is)."""
+    if n is not None:
+        torch.set_num_threads(n)
 
 
 def flushing_denormals() -> bool:

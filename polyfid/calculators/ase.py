@@ -10,8 +10,10 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 
 from polyfid.data.batch import single_frame_batch
+from polyfid.errors import ConfigError
 from polyfid.models import load_model
 from polyfid.models.potential import Potential
+from polyfid.numerics import resolve_device
 
 
 class PolyfidCalculator(Calculator):
@@ -37,7 +39,11 @@ class PolyfidCalculator(Calculator):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+        dtypes = {"float32": torch.float32, "float64": torch.float64}
+        if dtype not in dtypes:
+            raise ConfigError(f"dtype: expected float32 or float64, got {dtype!r}")
+        torch_dtype = dtypes[dtype]
+        device = resolve_device(device)
         if isinstance(model, torch.nn.Module):  # a copy: the caller's model keeps its dtype and gradients
             self.model = copy.deepcopy(model).to(dtype=torch_dtype, device=device).eval()
         else:
@@ -58,7 +64,7 @@ class PolyfidCalculator(Calculator):
             a.numbers, a.positions, self.model.cutoff, a.cell.array if periodic else None,
             a.pbc if periodic else None, dtype=self.dtype,
         )
-        if self.device != "cpu":
+        if self.device.type != "cpu":
             batch = batch.to(self.device)
         out = self._predict(batch, forces=True, stress=want_stress, heads=[self.head])
         energy = float(out["energy"][0, self.head].detach())

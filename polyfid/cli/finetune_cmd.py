@@ -77,22 +77,34 @@ def _replay(specs: list[str], args):
     return (Dataset.merge(parts) if len(parts) > 1 else parts[0]) if parts else None
 
 
-def run(args) -> int:
-    import torch
+def _check_args(args) -> None:
+    """The numeric options' ranges, named as typed, before a model is loaded or a file read."""
+    from polyfid.train.config import TrainingConfig, check_number, option_range
+    from polyfid.train.finetune import check_finetune_options
 
+    check_finetune_options(prefix="--", steps=args.steps, warmup_steps=args.warmup_steps, anchor=args.anchor,
+                           replay_share=args.replay_share, val_fraction=args.val_fraction, seed=args.seed)
+    check_number(args.lr, "--lr", option_range(TrainingConfig, "lr"))
+    check_number(args.max_time_s, "--max-time-s", option_range(TrainingConfig, "max_time_s"), nullable=True)
+    check_number(args.threads, "--threads", option_range(TrainingConfig, "num_threads"), integer=True,
+                 nullable=True)
+
+
+def run(args) -> int:
     from polyfid.analysis.metrics import public
     from polyfid.api import evaluate
     from polyfid.data.readers import read
+    from polyfid.numerics import set_threads
     from polyfid.train.finetune import finetune, finetune_summary
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _check_args(args)
+    set_threads(args.threads)
     first = read(args.data[0], format=args.format, fidelity=args.fidelity)
     name = first.fidelities[0] if len(first.fidelities) == 1 else None
     level = args.level or (Path(args.data[0]).stem if name in (None, "default") else name)
     train = _read(args.data, args, level)
     val = _read(args.val, args, level) if args.val else None
-    training = {"lr": args.lr} | ({"max_time_s": args.max_time_s} if args.max_time_s else {})
+    training = {"lr": args.lr} | ({"max_time_s": args.max_time_s} if args.max_time_s is not None else {})
     res = finetune(args.model, train, args.out, val_ds=val, fidelity=level, head_init=args.head_init,
                    trainable=args.trainable, warmup_steps=args.warmup_steps, steps=args.steps,
                    val_fraction=args.val_fraction, seed=args.seed, resume=args.resume,

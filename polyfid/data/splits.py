@@ -70,6 +70,8 @@ def parse_slice(text: str, where: str = "") -> slice:
     file or option in the error."""
     try:
         parts = [int(p) if p.strip() else None for p in text.split(":")]
+        if len(parts) == 3 and parts[2] == 0:
+            raise ValueError("step 0")  # slice() takes it, indexing with it fails
         if len(parts) == 1:
             return slice(parts[0], parts[0] + 1 if parts[0] != -1 else None)
         return slice(*parts)

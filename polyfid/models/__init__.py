@@ -22,6 +22,7 @@ from polyfid.models.hiphop import HIPHOPNN
 from polyfid.models.hipnn import HIPNN
 from polyfid.models.hipnn_ts import HIPNNTS
 from polyfid.models.potential import Potential
+from polyfid.numerics import resolve_device
 
 #: architecture name -> representation class; each takes n_species plus its own options
 ARCHITECTURES: dict[str, type[torch.nn.Module]] = {"hipnn": HIPNN, "hipnn_ts": HIPNNTS, "hiphop": HIPHOPNN}
@@ -142,11 +143,12 @@ def model_from_dict(d: dict, source: str = "model") -> Potential | DeltaPotentia
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> Potential:
     """Load a model file (no code executed: weights_only=True) in `dtype`, in eval mode."""
+    dev = resolve_device(device)  # first: a missing GPU is the clearer error
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model file {path} does not exist")
     d = torch.load(path, map_location="cpu", weights_only=True)
-    model = model_from_dict(d, str(path)).to(dtype=dtype, device=device)
+    model = model_from_dict(d, str(path)).to(dtype=dtype, device=dev)
     # the level a multi-fidelity model was trained to predict answers when none is named
     target = d.get("metadata", {}).get("target") if d.get("kind") != "delta" else d["target"]
     if target in model.fidelities:

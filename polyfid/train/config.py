@@ -7,6 +7,8 @@ commented YAML file of defaults. YAML is read with ``yaml.safe_load``.
 from __future__ import annotations
 
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -15,16 +17,93 @@ from typing import Any, Literal
 
 import yaml
 
-from polyfid.errors import ConfigError  # noqa: F401  (re-exported)
+from polyfid.errors import ConfigError, DataError
+
+#: torch and numpy take seeds in [0, 2^64)
+SEED_END = 2**64
+#: the device strings a configuration may name; whether the machine has one is checked where
+#: the device is used (polyfid.numerics.resolve_device), so a file can be written elsewhere
+DEVICE_FORM = re.compile(r"cpu|cuda(:\d+)?|mps")
 
 
-def opt(default: Any, doc: str, **kw: Any) -> Any:
-    """A documented field; a class as default means a fresh instance of it."""
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric option, declared beside it with `opt(..., gt=0)`; `from_dict`
+    enforces them (and finiteness) for every option, so a new option only states its bounds."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    unit: str = ""
+
+    def describe(self, nullable: bool = False, unit: bool = True) -> str:
+        lo = f"({_fmt(self.gt)}" if self.gt is not None else f"[{_fmt(self.ge)}" if self.ge is not None else None
+        hi = f"{_fmt(self.lt)})" if self.lt is not None else f"{_fmt(self.le)}]" if self.le is not None else None
+        if lo and hi:
+            text = f"in {lo}, {hi}"
+        elif lo:
+            text = f"{'>' if self.gt is not None else '>='} {lo[1:]}"
+        elif hi:
+            text = f"{'<' if self.lt is not None else '<='} {hi[:-1]}"
+        else:
+            text = "a finite number"
+        return text + (f" ({self.unit})" if self.unit and unit else "") + (" or null" if nullable else "")
+
+    def contains(self, v: float) -> bool:
+        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+
+def _fmt(x: float) -> str:
+    return "2^64" if x == 2**64 else f"{x:g}"
+
+
+def opt(default: Any, doc: str, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+        le: float | None = None, unit: str = "", **kw: Any) -> Any:
+    """A documented field; a class as default means a fresh instance of it. gt/ge/lt/le bound a
+    number (null, where the type allows it, stays allowed); unit names it in messages."""
+    meta: dict[str, Any] = {"doc": doc}
+    if any(b is not None for b in (gt, ge, lt, le)):
+        meta["range"] = Range(gt, ge, lt, le, unit)
     if isinstance(default, type):
-        return field(default_factory=default, metadata={"doc": doc}, **kw)
+        return field(default_factory=default, metadata=meta, **kw)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc}, **kw)
-    return field(default=default, metadata={"doc": doc}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def option_range(cls: type, name: str) -> Range:
+    """The declared range of option `name` of dataclass `cls` (for arguments that set it)."""
+    return next(f for f in fields(cls) if f.name == name).metadata.get("range", Range())
+
+
+def check_number(value: Any, where: str, rng: Range | None = None, integer: bool = False,
+                 nullable: bool = False, what: str = "") -> Any:
+    """`value` if it is a finite number (a whole one if `integer`) within `rng`, else a
+    ConfigError naming `where`, `what` it is and the range; also used for options outside the
+    dataclasses (mapping values, fine-tuning arguments)."""
+    rng = rng or Range()
+    what = f"{what} " if what else ""
+    if value is None and nullable:
+        return None
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ConfigError(f"{where}: expected {kind} {rng.describe(nullable)}, got {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise ConfigError(f"{where}: expected a finite number {rng.describe(nullable)}, got {_short(value)}")
+    if not rng.contains(value):
+        raise ConfigError(f"{where}: must be {what}{rng.describe(nullable)}, got {value:g}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 @dataclass
@@ -37,7 +116,8 @@ class DatasetSpec:
         None, "level-of-theory name for this file's labels (single-level files); null keeps the reader's default"
     )
     options: dict = opt({}, "reader options, e.g. energy_key, forces_key, energy_unit, force_unit, levels")
-    use: list = opt(["energy", "forces", "stress"], "which labels to use; e.g. [energy] drops forces that exist")
+    use: list[Literal["energy", "forces", "stress"]] = opt(
+        ["energy", "forces", "stress"], "which labels to use; e.g. [energy] drops forces that exist")
     select: str | None = opt(None, "frames to take, as a Python slice 'start:stop:step' (null: all)")
 
 
@@ -46,24 +126,22 @@ class DataConfig:
     train: list[DatasetSpec] = opt([], "training data sets (a list; each a DatasetSpec)")
     validation: list[DatasetSpec] = opt([], "validation data sets; if empty, split off the training data")
     test: list[DatasetSpec] = opt([], "test data sets evaluated after training (optional)")
-    val_fraction: float = opt(0.05, "fraction of training frames held out for validation when none is given")
-    val_size: int | None = opt(None, "number of validation frames to hold out (overrides val_fraction)")
-    train_size: int | None = opt(None, "use only this many training frames (after the validation split)")
-    seed: int = opt(0, "seed of the train/validation split")
+    val_fraction: float = opt(
+        0.05, "fraction of training frames held out for validation when none is given", ge=0, lt=1)
+    val_size: int | None = opt(None, "number of validation frames to hold out (overrides val_fraction)", ge=1)
+    train_size: int | None = opt(None, "use only this many training frames (after the validation split)", ge=1)
+    seed: int = opt(0, "seed of the train/validation split", ge=0, lt=SEED_END)
     merge_tolerance: float | None = opt(
         1e-6, "Å; when a list holds two or more data sets, frames of the same geometry (same atoms in the same "
         "order, same cell, pbc, charge and multiplicity, every position within this) are merged into one frame "
         "carrying every file's label sets, within train, validation and test each, before the validation split; "
-        "null: no merging"
-    )
+        "null: no merging", ge=0, unit="Å")
     min_distance: float = opt(
         0.1, "Å; frames with two atoms closer than this are refused (a DataError naming the file, frame and atoms): "
-        "coincident atoms turn every weight of a network into NaN"
-    )
+        "coincident atoms turn every weight of a network into NaN", gt=0, unit="Å")
     max_extent: float = opt(
         1000.0, "Å; non-periodic frames whose atoms span more than this along x, y or z are refused (a fragment "
-        "flown off in MD); neighbour lists over such a box fail"
-    )
+        "flown off in MD); neighbour lists over such a box fail", gt=0, unit="Å")
 
 
 @dataclass
@@ -71,52 +149,50 @@ class ModelConfig:
     architecture: Literal["hipnn", "hipnn_ts", "hiphop"] = opt(
         "hipnn", "network: hipnn, hipnn_ts (tensor sensitivities), hiphop (HIP-HOP-NN, Cartesian tensor invariants)"
     )
-    n_features: int = opt(128, "features per atom in each interaction block")
-    n_sensitivities: int = opt(20, "number of distance sensitivity functions")
-    soft_min: float = opt(0.85, "Å; centre of the innermost sensitivity")
-    soft_max: float = opt(4.5, "Å; centre of the outermost sensitivity")
-    cutoff: float = opt(5.0, "Å; interaction cutoff (cos² switching to zero)")
-    n_interactions: int = opt(2, "interaction blocks")
-    n_atom_layers: int = opt(3, "on-site layers after each interaction layer")
+    n_features: int = opt(128, "features per atom in each interaction block", ge=1)
+    n_sensitivities: int = opt(20, "number of distance sensitivity functions", ge=1)
+    soft_min: float = opt(0.85, "Å; centre of the innermost sensitivity", gt=0, unit="Å")
+    soft_max: float = opt(4.5, "Å; centre of the outermost sensitivity", gt=0, unit="Å")
+    cutoff: float = opt(5.0, "Å; interaction cutoff (cos² switching to zero)", gt=0, unit="Å")
+    n_interactions: int = opt(2, "interaction blocks", ge=1)
+    n_atom_layers: int = opt(3, "on-site layers after each interaction layer", ge=0)
     resnet: bool = opt(True, "residual blocks, as in hippynn")
     activation: Literal["softplus", "silu", "tanh", "gelu"] = opt("softplus", "activation function")
     l_max: int | None = opt(None, "hipnn_ts, hiphop: highest tensor order (hipnn_ts 1-2, default 2; hiphop 1-3, "
-                            "default 3)")
-    max_tensors: int | None = opt(None, "hiphop: most tensors multiplied in one invariant (1-4, default 4)")
+                            "default 3)", ge=1, le=3)
+    max_tensors: int | None = opt(None, "hiphop: most tensors multiplied in one invariant (1-4, default 4)", ge=1, le=4)
     tensor_features: int | None = opt(None, "hiphop: channels that carry tensors of order >= 1 (default 32, at "
-                                      "most n_features); their cost dominates the network's")
+                                      "most n_features); their cost dominates the network's", ge=1)
 
 
 @dataclass
 class TrainingConfig:
-    epochs: int = opt(1000, "maximum number of epochs (not applied when max_steps is set)")
+    epochs: int = opt(1000, "maximum number of epochs (not applied when max_steps is set)", ge=1)
     max_steps: int | None = opt(
         None, "optimiser-step budget (null: none): training stops after this many steps, mid-epoch if need be, "
         "whatever epochs says, and the cosine schedule and final_fraction count steps; a budget that reproduces "
-        "on any machine"
-    )
-    max_time_s: float | None = opt(None, "wall-clock training budget in seconds (null: none)")
-    batch_size: int = opt(32, "frames per batch")
-    lr: float = opt(1e-3, "initial learning rate (Adam)")
-    weight_decay: float = opt(0.0, "Adam weight decay")
+        "on any machine", ge=1)
+    max_time_s: float | None = opt(None, "wall-clock training budget in seconds (null: none)", gt=0, unit="s")
+    batch_size: int = opt(32, "frames per batch", ge=1)
+    lr: float = opt(1e-3, "initial learning rate (Adam)", gt=0)
+    weight_decay: float = opt(0.0, "Adam weight decay", ge=0)
     scheduler: Literal["plateau", "cosine", "none"] = opt(
         "plateau", "plateau: reduce on validation plateau; cosine: decay over max_steps if set, else over max_time_s "
         "if set, else over epochs"
     )
-    plateau_patience: int = opt(10, "evaluations without improvement before the learning rate is reduced")
-    plateau_factor: float = opt(0.5, "factor applied to the learning rate on a plateau")
-    min_lr: float = opt(1e-6, "learning rate floor (plateau) or end value (cosine)")
-    early_stopping_patience: int | None = opt(50, "evaluations without improvement before stopping (null: never)")
-    energy_weight: float = opt(1.0, "weight of MSE(energy per atom), eV²")
-    force_weight: float = opt(100.0, "weight of MSE(force components), (eV/Å)²")
-    stress_weight: float = opt(0.0, "weight of MSE(stress components), (eV/Å³)²")
+    plateau_patience: int = opt(10, "evaluations without improvement before the learning rate is reduced", ge=1)
+    plateau_factor: float = opt(0.5, "factor applied to the learning rate on a plateau", gt=0, lt=1)
+    min_lr: float = opt(1e-6, "learning rate floor (plateau) or end value (cosine)", ge=0)
+    early_stopping_patience: int | None = opt(50, "evaluations without improvement before stopping (null: never)", ge=1)
+    energy_weight: float = opt(1.0, "weight of MSE(energy per atom), eV²", ge=0)
+    force_weight: float = opt(100.0, "weight of MSE(force components), (eV/Å)²", ge=0)
+    stress_weight: float = opt(0.0, "weight of MSE(stress components), (eV/Å³)²", ge=0)
     loss: Literal["mse", "huber"] = opt(
         "mse", "per-entry loss: mse, or huber (squared below huber_delta, linear beyond: large errors, "
         "e.g. of rare high-energy frames, pull less and the fit targets the MAE more)"
     )
     huber_delta: float = opt(
-        0.01, "huber: where the loss turns linear, in eV/atom (energy), eV/Å (forces), eV/Å³ (stress)"
-    )
+        0.01, "huber: where the loss turns linear, in eV/atom (energy), eV/Å (forces), eV/Å³ (stress)", gt=0)
     loss_balance: Literal["none", "rms"] = opt(
         "none", "how the weighted terms (each kind of label at each fidelity) add up. none: weighted mean squares; "
         "rms: the square root of each weighted term (weighted RMS errors, as in hippynn's multi-fidelity examples), "
@@ -125,9 +201,10 @@ class TrainingConfig:
     )
     final_energy_weight: float | None = opt(
         None, "energy weight for the last part of training (e.g. 1000), null: unchanged; over the first 10 "
-        "steps at that weight Adam's second moments are floored by the squared gradients (no burst of large steps)"
-    )
-    final_fraction: float = opt(0.25, "fraction of the budget (steps, time or epochs) that uses final_energy_weight")
+        "steps at that weight Adam's second moments are floored by the squared gradients (no burst of large steps)",
+        ge=0)
+    final_fraction: float = opt(
+        0.25, "fraction of the budget (steps, time or epochs) that uses final_energy_weight", ge=0, le=1)
     fidelity_weights: dict = opt(
         {}, "per-fidelity multipliers of the loss weights, e.g. {mp2: {energy: 10.0, forces: 1.0}}"
     )
@@ -137,25 +214,24 @@ class TrainingConfig:
     )
     epoch_frames: int | None = opt(
         None, "frames drawn per epoch when sampling is set (null: the number of training frames); sets how "
-        "often validation runs when a small named set is mixed with a large one"
-    )
-    grad_clip: float | None = opt(100.0, "clip the gradient norm to this value (null: no clipping)")
-    ema_decay: float | None = opt(0.99, "exponential moving average of weights used for evaluation (null: off)")
+        "often validation runs when a small named set is mixed with a large one", ge=1)
+    grad_clip: float | None = opt(100.0, "clip the gradient norm to this value (null: no clipping)", gt=0)
+    ema_decay: float | None = opt(
+        0.99, "exponential moving average of weights used for evaluation (null: off)", gt=0, lt=1)
     dtype: Literal["float32", "float64"] = opt("float32", "floating point precision")
-    seed: int = opt(0, "seed of weight initialisation and batch order")
-    num_threads: int | None = opt(None, "torch CPU threads (null: torch's default)")
+    seed: int = opt(0, "seed of weight initialisation and batch order", ge=0, lt=SEED_END)
+    num_threads: int | None = opt(None, "torch CPU threads (null: torch's default)", ge=1)
     flush_denormal: bool = opt(
         True, "flush subnormal floats (below 1.2e-38 in float32) to zero while training: on x86 CPUs they take a "
         "slow path that made training steps of a trained rMD17 aspirin HIP-HOP-NN 1.3-1.5x slower on an Intel Xeon "
         "(no difference on an AMD EPYC)"
     )
-    eval_every: int = opt(1, "validate every this many epochs")
+    eval_every: int = opt(1, "validate every this many epochs", ge=1)
     checkpoint_interval_s: float = opt(
         30.0, "seconds between checkpoints (0: every epoch); the last epoch is always written. Resuming "
         "continues from the last checkpoint, so this bounds the work a kill can cost; writing one every "
-        "epoch of a small data set costs more than the training"
-    )
-    device: str = opt("cpu", "torch device, e.g. cpu or cuda")
+        "epoch of a small data set costs more than the training", ge=0, unit="s")
+    device: str = opt("cpu", "torch device: cpu, cuda, cuda:N or mps")
 
 
 @dataclass
@@ -174,15 +250,13 @@ class StrategyConfig:
     base: str | None = opt(None, "the low level for delta and transfer; null: the fidelity with most force labels")
     head_tie: float = opt(
         0.0, "multi-head: weight of a ridge penalty on the difference between each head and the base head "
-        "(0: independent heads)"
-    )
+        "(0: independent heads)", ge=0)
     fidelity_blocks: int | None = opt(
         None, "multi-head: how many of the network's last interaction blocks each fidelity owns (the first ones and "
         "the atom embedding stay shared); null: 1 when the network has two or more interaction blocks, else 0; "
         "0: every block shared, one linear head per fidelity (with warm_start: false and target_share: null, the "
-        "earlier multi-head)"
-    )
-    embedding_dim: int = opt(8, "embedding: size of the learned fidelity embedding")
+        "earlier multi-head)", ge=0)
+    embedding_dim: int = opt(8, "embedding: size of the learned fidelity embedding", ge=1)
     warm_start: bool | None = opt(
         None, "multi-head and embedding: first train the base level alone, then start every level from it (each "
         "stage gets training's budget unless second_stage sets its own); null: on for multi-head, off for embedding"
@@ -194,8 +268,8 @@ class StrategyConfig:
     )
     target_share: float | None = opt(
         0.25, "multi-head: the share of the joint stage's draws from frames labelled at the target level when "
-        "training.sampling is empty (at least their share of the frames; null: in proportion to the frames)"
-    )
+        "training.sampling is empty (at least their share of the frames; null: in proportion to the frames)",
+        gt=0, lt=1)
     delta_model: dict = opt({}, "delta: model options that differ for the Δ model (e.g. {n_features: 32})")
     trainable: Literal["all", "head", "last"] = opt(
         "all", "transfer: parameters fine-tuned (head: the energy head only; last: the last interaction "
@@ -212,9 +286,9 @@ class MetaConfig:
     head takes φ whole (heads and reference energies stay task-specific). Batch size, loss
     weights, threads, dtype, checkpoints and the time budget come from `training`."""
 
-    outer_steps: int = opt(2000, "outer (meta) steps; training.max_time_s stops earlier if set")
-    inner_steps: int = opt(8, "optimiser steps on one task per outer step")
-    inner_lr: float = opt(1e-3, "learning rate of the inner optimiser")
+    outer_steps: int = opt(2000, "outer (meta) steps; training.max_time_s stops earlier if set", ge=1)
+    inner_steps: int = opt(8, "optimiser steps on one task per outer step", ge=1)
+    inner_lr: float = opt(1e-3, "learning rate of the inner optimiser", gt=0)
     inner_optimizer: Literal["adam", "sgd"] = opt("adam", "inner optimiser")
     inner_betas: list = opt([0.0, 0.999], "Adam betas of the inner optimiser (β1 = 0 as in the Reptile paper)")
     inner_state: Literal["keep", "reset"] = opt(
@@ -222,12 +296,13 @@ class MetaConfig:
         "Reptile paper's code); reset: a fresh optimiser every outer step, whose first steps move every weight "
         "by about the learning rate whatever its gradient")
     inner_lr_final: float | None = opt(
-        None, "inner learning rate at the end, cosine from inner_lr over the budget (None: constant inner_lr)")
-    outer_lr: float = opt(1.0, "outer step size ε at the start")
-    outer_lr_final: float = opt(0.1, "ε at the end; linear in between (over outer_steps, or the time budget)")
-    tasks_per_step: int = opt(1, "tasks adapted from the same θ per outer step; their φ − θ are averaged")
+        None, "inner learning rate at the end, cosine from inner_lr over the budget (None: constant inner_lr)", gt=0)
+    outer_lr: float = opt(1.0, "outer step size ε at the start", gt=0, le=1)
+    outer_lr_final: float = opt(
+        0.1, "ε at the end; linear in between (over outer_steps, or the time budget)", ge=0, le=1)
+    tasks_per_step: int = opt(1, "tasks adapted from the same θ per outer step; their φ − θ are averaged", ge=1)
     task_weights: dict = opt({}, "task sampling weights by fidelity name (missing names: 1; default uniform)")
-    eval_every: int = opt(50, "outer steps between validations (best model, early stopping)")
+    eval_every: int = opt(50, "outer steps between validations (best model, early stopping)", ge=1)
 
 
 @dataclass
@@ -299,12 +374,22 @@ def _check(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            raise ConfigError(f"{where}: expected a finite number, got {_short(value)}") from None
+        if not math.isfinite(value):  # YAML .nan / .inf: no option means anything by them
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _nullable(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def from_dict(cls: type, d: Any, where: str = "config") -> Any:
@@ -316,7 +401,8 @@ def from_dict(cls: type, d: Any, where: str = "config") -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
+    declared = {f.name: f for f in fields(cls)}
+    names = list(declared)
     kwargs = {}
     for key, value in d.items():
         if key not in names:
@@ -324,72 +410,88 @@ def from_dict(cls: type, d: Any, where: str = "config") -> Any:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(names)}")
         kwargs[key] = _check(value, hints[key], f"{where}.{key}")
+        rng = declared[key].metadata.get("range")
+        if rng is not None:  # the option's declared range; null stays allowed where the type has it
+            check_number(kwargs[key], f"{where}.{key}", rng, nullable=_nullable(hints[key]))
     obj = cls(**kwargs)
     _validate(obj, where)
     return obj
 
 
 def _validate(obj: Any, where: str) -> None:
-    if isinstance(obj, DatasetSpec) and not obj.path:
-        raise ConfigError(f"{where}: 'path' is required")
+    """Rules a single option's range cannot say: between options, and the values of mappings."""
+    if isinstance(obj, DatasetSpec):
+        if not obj.path:
+            raise ConfigError(f"{where}: 'path' is required")
+        if not obj.use:
+            raise ConfigError(f"{where}.use: names no label kind; expected some of energy, forces, stress")
+        if obj.select is not None:
+            from polyfid.data.splits import parse_slice  # here: `polyfid config` need not import the readers
+
+            try:
+                parse_slice(obj.select)
+            except DataError:
+                raise ConfigError(f"{where}.select: {obj.select!r} is not a slice 'start:stop:step' such as "
+                                  "'0:100' or '::10' (step not 0)") from None
+    if isinstance(obj, ModelConfig):
+        _validate_model(obj, where)
     if isinstance(obj, TrainingConfig):
-        for key in ("epochs", "batch_size", "eval_every"):
-            if getattr(obj, key) < 1:
-                raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(obj, key)}")
-        if obj.max_steps is not None and obj.max_steps < 1:
-            raise ConfigError(f"{where}.max_steps: must be at least 1 or null, got {obj.max_steps}")
-        if obj.lr <= 0:
-            raise ConfigError(f"{where}.lr: must be positive, got {obj.lr}")
-        if obj.huber_delta <= 0:
-            raise ConfigError(f"{where}.huber_delta: must be positive, got {obj.huber_delta}")
-        if not 0 <= obj.final_fraction <= 1:
-            raise ConfigError(f"{where}.final_fraction: must lie in [0, 1], got {obj.final_fraction}")
-        if obj.ema_decay is not None and not 0 < obj.ema_decay < 1:
-            raise ConfigError(f"{where}.ema_decay: must lie in (0, 1), got {obj.ema_decay}")
+        if not DEVICE_FORM.fullmatch(obj.device):
+            raise ConfigError(f"{where}.device: expected cpu, cuda, cuda:N or mps, got {obj.device!r}")
+        if obj.energy_weight == obj.force_weight == obj.stress_weight == 0:
+            raise ConfigError(f"{where}: energy_weight, force_weight and stress_weight are all 0: nothing to fit")
         for fid, w in obj.fidelity_weights.items():
             if not isinstance(w, dict) or set(w) - {"energy", "forces", "stress"}:
                 raise ConfigError(f"{where}.fidelity_weights.{fid}: expected a mapping with keys among energy, "
                                   f"forces, stress, got {w!r}")
             for k, v in w.items():
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                    raise ConfigError(f"{where}.fidelity_weights.{fid}.{k}: expected a number >= 0, got {v!r}")
+                check_number(v, f"{where}.fidelity_weights.{fid}.{k}", Range(ge=0))
         for fid, v in obj.sampling.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-                raise ConfigError(f"{where}.sampling.{fid}: expected a share in (0, 1], got {v!r}")
-        if obj.epoch_frames is not None and (isinstance(obj.epoch_frames, bool)
-                                             or not isinstance(obj.epoch_frames, int) or obj.epoch_frames < 1):
-            raise ConfigError(f"{where}.epoch_frames: expected a whole number >= 1 or null, got {obj.epoch_frames!r}")
+            check_number(v, f"{where}.sampling.{fid}", Range(gt=0, le=1), what="a share")
         if sum(obj.sampling.values()) > 1 + 1e-9:
             raise ConfigError(f"{where}.sampling: the shares add up to {sum(obj.sampling.values())}, more than 1")
-    if isinstance(obj, StrategyConfig):
-        if obj.head_tie < 0:
-            raise ConfigError(f"{where}.head_tie: must be >= 0, got {obj.head_tie}")
-        if obj.embedding_dim < 1:
-            raise ConfigError(f"{where}.embedding_dim: must be at least 1, got {obj.embedding_dim}")
-        if obj.target_share is not None and not 0 < obj.target_share < 1:
-            raise ConfigError(f"{where}.target_share: must lie in (0, 1) or be null, got {obj.target_share}")
-        if obj.fidelity_blocks is not None and obj.fidelity_blocks < 0:
-            raise ConfigError(f"{where}.fidelity_blocks: must be >= 0 or null, got {obj.fidelity_blocks}")
     if isinstance(obj, MetaConfig):
-        for key in ("outer_steps", "inner_steps", "tasks_per_step", "eval_every"):
-            if getattr(obj, key) < 1:
-                raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(obj, key)}")
-        for key in ("inner_lr", "inner_lr_final"):  # types: checked by from_dict
-            if getattr(obj, key) is not None and getattr(obj, key) <= 0:
-                raise ConfigError(f"{where}.{key}: must be positive, got {getattr(obj, key)}")
-        if not (0 < obj.outer_lr <= 1 and 0 <= obj.outer_lr_final <= 1):
-            raise ConfigError(f"{where}: outer_lr must lie in (0, 1] and outer_lr_final in [0, 1], got "
-                              f"{obj.outer_lr} and {obj.outer_lr_final}")
-        if len(obj.inner_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in obj.inner_betas):
+        if not isinstance(obj.inner_betas, list) or len(obj.inner_betas) != 2:
             raise ConfigError(f"{where}.inner_betas: expected two numbers in [0, 1), got {obj.inner_betas!r}")
+        for k, b in enumerate(obj.inner_betas):
+            check_number(b, f"{where}.inner_betas[{k}]", Range(ge=0, lt=1))
         for name, w in obj.task_weights.items():
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-                raise ConfigError(f"{where}.task_weights.{name}: expected a number >= 0, got {w!r}")
-    if isinstance(obj, DataConfig):
-        if not 0 <= obj.val_fraction < 1:
-            raise ConfigError(f"{where}.val_fraction: must lie in [0, 1), got {obj.val_fraction}")
-        if obj.merge_tolerance is not None and not 0 <= obj.merge_tolerance < float("inf"):
-            raise ConfigError(f"{where}.merge_tolerance: must be a number >= 0 (Å) or null, got {obj.merge_tolerance}")
+            check_number(w, f"{where}.task_weights.{name}", Range(ge=0))
+    if isinstance(obj, DataConfig) and obj.min_distance >= obj.max_extent:
+        raise ConfigError(f"{where}: min_distance ({obj.min_distance:g} Å) must be below max_extent "
+                          f"({obj.max_extent:g} Å)")
+    if isinstance(obj, Config):
+        # the second stage's options and the Δ model's are checked now, not hours later when
+        # the stage starts; with the same rules, named as strategy.second_stage.KEY
+        s = obj.strategy
+        if not isinstance(s.second_stage, dict) or not isinstance(s.delta_model, dict):
+            return
+        from_dict(TrainingConfig, asdict(obj.training) | s.second_stage, f"{where}.strategy.second_stage")
+        from_dict(ModelConfig, asdict(obj.model) | s.delta_model, f"{where}.strategy.delta_model")
+
+
+#: the options each architecture takes beyond HIP-NN's, and the l_max it supports
+ARCHITECTURE_OPTIONS = {"hipnn": {}, "hipnn_ts": {"l_max": 2}, "hiphop": {"l_max": 3, "max_tensors": 4,
+                                                                         "tensor_features": None}}
+
+
+def _validate_model(m: ModelConfig, where: str) -> None:
+    own = ARCHITECTURE_OPTIONS[m.architecture]
+    for key in ("l_max", "max_tensors", "tensor_features"):
+        value = getattr(m, key)
+        if value is None:
+            continue
+        if key not in own:
+            users = [a for a, o in ARCHITECTURE_OPTIONS.items() if key in o]
+            raise ConfigError(f"{where}.{key}: architecture {m.architecture!r} has no {key} (only "
+                              f"{' and '.join(users)}); remove it or set it to null")
+        if own[key] is not None and value > own[key]:
+            raise ConfigError(f"{where}.{key}: architecture {m.architecture!r} takes 1 to {own[key]}, got {value}")
+    if m.tensor_features is not None and m.tensor_features > m.n_features:
+        raise ConfigError(f"{where}.tensor_features: must be at most n_features ({m.n_features}), "
+                          f"got {m.tensor_features}")
+    if m.soft_min >= m.soft_max:  # the sensitivities' centres are spread from soft_min to soft_max
+        raise ConfigError(f"{where}.soft_min: must be below soft_max ({m.soft_max:g} Å), got {m.soft_min:g}")
 
 
 def load_config(source: str | Path | dict) -> Config:
@@ -421,8 +523,11 @@ def documented_defaults() -> str:
     def emit(cls: type, indent: int) -> None:
         pad = "  " * indent
         inst = cls()
+        hints = typing.get_type_hints(cls)
         for f in fields(cls):
             doc = f.metadata.get("doc", "")
+            if "range" in f.metadata:  # the unit is in the doc already
+                doc += f"; range {f.metadata['range'].describe(_nullable(hints[f.name]), unit=False)}"
             value = getattr(inst, f.name)
             if is_dataclass(value):
                 lines.append(f"{pad}{f.name}:  # {doc}")

@@ -27,7 +27,8 @@ from polyfid.data.splits import split_indices
 from polyfid.errors import DataError
 from polyfid.models import BranchedPotential, atomic_write, build_potential, load_model, model_dict
 from polyfid.models.potential import Potential
-from polyfid.train.config import ConfigError, OutputConfig, TrainingConfig, from_dict
+from polyfid.numerics import resolve_device
+from polyfid.train.config import ConfigError, OutputConfig, Range, TrainingConfig, check_number, from_dict
 from polyfid.train.strategies import DTYPES, _freeze, _stage, restrict
 from polyfid.train.trainer import BEST_MODEL, TrainState
 
@@ -45,6 +46,32 @@ def finetune_training(n_train: int, steps: int = 1500, **overrides: Any) -> Trai
          "early_stopping_patience": max(math.ceil(steps / 5 / per_epoch), 5),
          "ema_decay": 0.99, "checkpoint_interval_s": 30.0}
     return from_dict(TrainingConfig, d | overrides, "finetune.training")
+
+
+#: the ranges of finetune()'s own numeric arguments: (whole number?, range)
+FINETUNE_RANGES = {
+    "steps": (True, Range(ge=1)),
+    "warmup_steps": (True, Range(ge=0)),
+    "anchor": (False, Range(ge=0)),
+    "replay_share": (False, Range(gt=0, lt=1)),
+    "val_fraction": (False, Range(ge=0, lt=1)),
+    "seed": (True, Range(ge=0, lt=2**64)),
+}
+
+
+def check_finetune_options(training: dict[str, Any] | None = None, prefix: str = "finetune.",
+                           **options: Any) -> None:
+    """ConfigError naming the first of `options` (finetune()'s arguments, by name) outside its
+    range, or a TrainingConfig override that the training section would refuse; before any
+    model is loaded or frame read. `prefix` names them (the command line passes "--")."""
+    for name, value in options.items():
+        if name in FINETUNE_RANGES:
+            integer, rng = FINETUNE_RANGES[name]
+            check_number(value, prefix + name.replace("_", "-" if prefix == "--" else "_"), rng, integer=integer)
+    if options.get("trainable", "all") not in ("all", "last", "head"):
+        raise ConfigError(f"{prefix}trainable: expected all, last or head, got {options['trainable']!r}")
+    if training:
+        from_dict(TrainingConfig, dict(training), "finetune.training")
 
 
 def _head_predictions(model: Potential, data: PackedData, fidelity: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -193,10 +220,12 @@ def finetune(
     frames' levels must all be heads of the model.
     Without `val_ds`, a `val_fraction` of the frames (at least one) is held out for
     validation and early stopping. `training`: TrainingConfig overrides (lr, max_time_s, …)."""
+    check_finetune_options(steps=steps, warmup_steps=warmup_steps, anchor=anchor, replay_share=replay_share,
+                           val_fraction=val_fraction, seed=seed, trainable=trainable, training=training)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[str(training.get("dtype", "float32"))]
-    device = str(training.get("device", "cpu"))
+    device = resolve_device(training.get("device"), "finetune.training.device")
     if isinstance(model, (str, Path)):
         source = load_model(model, dtype=dtype, device=device)
     else:  # a copy, where training will run: the caller's model stays as it was

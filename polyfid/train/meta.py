@@ -34,7 +34,7 @@ from polyfid.data.frame import Dataset
 from polyfid.errors import DataError
 from polyfid.models import atomic_write, build_potential, load_model, model_dict, read_checkpoint
 from polyfid.models.potential import Potential
-from polyfid.numerics import flush_denormals
+from polyfid.numerics import flush_denormals, resolve_device, set_threads
 from polyfid.train.config import Config, ConfigError, MetaConfig, TrainingConfig, load_config
 from polyfid.train.strategies import DTYPES, restrict
 from polyfid.train.trainer import BEST_MODEL, CHECKPOINT, loss_weights, step_loss, validation_loss
@@ -111,7 +111,7 @@ class ReptileTrainer:
         if not w.sum() > 0:
             raise ConfigError("meta.task_weights leaves no task with a positive weight")
         self.p = w / w.sum()
-        self.device = torch.device(tc.device)
+        self.device = resolve_device(tc.device, "training.device")
         self.dtype = next(model.parameters()).dtype
         self.weights = loss_weights(tc, list(model.fidelities), self.dtype, self.device)
         self.state = MetaState()
@@ -322,7 +322,7 @@ def meta_train(
     meta = {"strategy": "reptile", "tasks": {t: d.n_frames for t, d in tasks.items()},
             "reference_energies_eV": {f: dict(zip(model.species, r)) for f, r in refs.items()},
             "meta": asdict(mc)}
-    model = model.to(dtype=dtype, device=tc.device)
+    model = model.to(dtype=dtype, device=resolve_device(tc.device, "training.device"))
     trainer = ReptileTrainer(model, tasks, val, tc, mc, out, model_cfg, meta, progress=cfg.output.progress)
     state = trainer.fit(resume=resume)
     best = load_model(out / BEST_MODEL, dtype=dtype, device=tc.device)
@@ -332,9 +332,10 @@ def meta_train(
 def run_meta_training(config: Config | dict | str | Path, resume: bool = False) -> MetaResult:
     """`polyfid meta-train`: data from the configuration (each fidelity a task), Reptile,
     validation and test errors per task in out/results.json."""
-    from polyfid.train.run import _metrics, build_datasets, set_threads
+    from polyfid.train.run import _metrics, build_datasets
 
     cfg = config if isinstance(config, Config) else load_config(config)
+    resolve_device(cfg.training.device, "training.device")  # before the data are read
     set_threads(cfg.training.num_threads)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)

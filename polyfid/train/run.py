@@ -21,6 +21,7 @@ from polyfid.data.readers import read
 from polyfid.data.splits import parse_slice, split_indices
 from polyfid.errors import DataError
 from polyfid.models import DeltaPotential, Potential
+from polyfid.numerics import resolve_device, set_threads
 from polyfid.train.config import Config, DataConfig, DatasetSpec, load_config
 from polyfid.train.strategies import DTYPES, fit_strategy
 
@@ -66,11 +67,6 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, Dataset]:
     return train, val, test
 
 
-def set_threads(n: int | None) -> None:
-    if n is not None:
-        torch.set_num_threads(n)
-
-
 @dataclass
 class RunResult:
     """What a run leaves: the run folder, the trained model (best validation, EMA weights),
@@ -97,10 +93,18 @@ def _metrics(model: Potential | DeltaPotential, ds: Dataset | None, dtype: torch
     return error_metrics(model, PackedData(ds, model.cutoff, model.fidelities, dtype=dtype), device=device)
 
 
+def check_devices(cfg: Config) -> None:
+    """Refuse a device this machine lacks before the data are read (every stage's device)."""
+    resolve_device(cfg.training.device, "training.device")
+    if "device" in cfg.strategy.second_stage:
+        resolve_device(cfg.strategy.second_stage["device"], "strategy.second_stage.device")
+
+
 def run_training(config: Config | dict | str | Path, resume: bool = False) -> RunResult:
     """Train a potential as the configuration says; see `polyfid config` for the options."""
     cfg = config if isinstance(config, Config) else load_config(config)
     tc = cfg.training
+    check_devices(cfg)
     set_threads(tc.num_threads)
     dtype = DTYPES[tc.dtype]
     out = Path(cfg.output.dir)

@@ -29,7 +29,8 @@ from polyfid.models import (
     load_model,
     model_dict,
 )
-from polyfid.train.config import Config, ConfigError, StrategyConfig, TrainingConfig, from_dict
+from polyfid.numerics import resolve_device
+from polyfid.train.config import Config, ConfigError, ModelConfig, StrategyConfig, TrainingConfig, from_dict
 from polyfid.train.trainer import BEST_MODEL, CHECKPOINT, Trainer, TrainState
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -180,7 +181,7 @@ def _stage(
             with torch.no_grad():
                 model.energy_scale.fill_(float(energy_scale))
     meta |= {"n_train": len(train_ds), "n_val": 0 if val is None else len(val_ds)}
-    model = model.to(dtype=dtype, device=tc.device)
+    model = model.to(dtype=dtype, device=resolve_device(tc.device, "training.device"))
     trainer = Trainer(
         model, train, val, tc, out, model_cfg, meta,
         progress=output.progress, tensorboard=output.tensorboard,
@@ -276,11 +277,11 @@ def fit_strategy(
         if not len(tr_d):
             raise DataError(_no_shared_geometry(train_ds, target, base, cfg.data.merge_tolerance))
         va_d = delta_dataset(val_ds, target, base) if val_ds is not None else None
-        d_cfg = model_cfg | dict(sc.delta_model)
+        d_cfg = asdict(from_dict(ModelConfig, model_cfg | dict(sc.delta_model), "strategy.delta_model"))
         delta = build_potential(d_cfg, species, [target])
         delta, stages["delta"] = _stage(delta, tr_d, va_d, tc2, out / "delta", d_cfg, cfg.output, resume,
                                         metadata=meta)
-        b = base_model.to(dtype=DTYPES[tc.dtype], device=tc2.device)
+        b = base_model.to(dtype=DTYPES[tc.dtype], device=resolve_device(tc2.device, "strategy.second_stage.device"))
         model: Potential | DeltaPotential = DeltaPotential(b, delta, target, base)
         b_cfg = getattr(base_model, "model_config", None) or model_cfg
         atomic_write(model_dict(model, {"base": b_cfg, "delta": d_cfg}, meta), out / BEST_MODEL)

@@ -25,7 +25,7 @@ from polyfid.analysis.metrics import error_metrics
 from polyfid.data.batch import PackedData
 from polyfid.models import atomic_write, model_dict, read_checkpoint
 from polyfid.models.potential import Potential
-from polyfid.numerics import flush_denormals
+from polyfid.numerics import flush_denormals, resolve_device
 from polyfid.train.config import TrainingConfig
 from polyfid.train.ema import EMA
 from polyfid.train.losses import loss_terms, total_loss
@@ -151,7 +151,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.model_config, self.metadata = model_config, dict(metadata or {})
         self.progress, self.tensorboard = progress, tensorboard
-        self.device = torch.device(cfg.device)
+        self.device = resolve_device(cfg.device, "training.device")
         self.dtype = next(model.parameters()).dtype
         params = [p for p in model.parameters() if p.requires_grad]
         try:

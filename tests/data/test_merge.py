@@ -229,7 +229,7 @@ def test_the_validation_split_comes_after_the_merge(tmp_path) -> None:
     keys = {f.positions.tobytes() for f in train}
     assert not any(f.positions.tobytes() in keys for f in val)
     assert sum(len(f.labels) == 2 for f in train) + sum(len(f.labels) == 2 for f in val) == 8
-    with pytest.raises(ConfigError, match=r"data\.merge_tolerance: must be a number >= 0"):
+    with pytest.raises(ConfigError, match=r"data\.merge_tolerance: must be >= 0"):
         load_config(two_file_config(tmp_path, {"name": "delta"}, lo_path, hi_path, merge_tolerance=-1.0))
 
 

@@ -241,7 +241,7 @@ def test_step_budget_stops_mid_epoch_and_schedules_by_steps(tmp_path) -> None:
     # a finished run resumed with a larger budget continues where it stopped
     tr2 = _trainer(tmp_path, epochs=100, max_steps=12, scheduler="cosine")
     assert tr2.fit(resume=True).step == 12
-    with pytest.raises(ConfigError, match=r"max_steps: must be at least 1"):
+    with pytest.raises(ConfigError, match=r"max_steps: must be >= 1"):
         load_config({"training": {"max_steps": 0}})
 
 
@@ -310,7 +310,7 @@ def test_float64_training(tmp_path, toy_xyz) -> None:
         ({"model": {"architecture": 3}}, "model.architecture: 3 is not one of"),
         ({"training": {"scheduler": "step"}}, "not one of"),
         ({"training": {"loss": "l1"}}, "training.loss: 'l1' is not one of"),
-        ({"training": {"huber_delta": 0}}, "training.huber_delta: must be positive"),
+        ({"training": {"huber_delta": 0}}, "training.huber_delta: must be > 0"),
         ({"data": {"train": [{"file": "x"}]}}, r"data.train\[0\]: unknown key 'file'"),
     ],
 )
