@@ -64,7 +64,7 @@ def xtb_molecules(cache: str | Path | None = None):
     path = Path(cache or CACHE) / "xtb_molecules_gap.csv"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.tmp")  # fixed: the next write overwrites a killed one's
         make_xtb_molecules_table().to_csv(tmp, index=False)
         tmp.replace(path)
     df = pd.read_csv(path)

@@ -94,7 +94,7 @@ def write_structures(path: str | Path, structures: Sequence) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # fixed: the next write of `path` overwrites a killed one's
     ase.io.write(tmp, list(structures), format="extxyz")
     tmp.replace(path)
     return path

@@ -32,7 +32,14 @@ from polyfid.analysis.metrics import error_metrics, public
 from polyfid.data.batch import PackedData
 from polyfid.data.frame import Dataset
 from polyfid.errors import DataError
-from polyfid.models import atomic_write, build_potential, load_model, model_dict, read_checkpoint
+from polyfid.models import (
+    atomic_write,
+    build_potential,
+    checkpoint_error,
+    load_model,
+    model_dict,
+    read_checkpoint,
+)
 from polyfid.models.potential import Potential
 from polyfid.numerics import flush_denormals, resolve_device, set_threads
 from polyfid.train.config import Config, ConfigError, MetaConfig, TrainingConfig, load_config
@@ -208,13 +215,20 @@ class ReptileTrainer:
         self._last_checkpoint = time.perf_counter()
 
     def load_checkpoint(self) -> bool:
-        ck = read_checkpoint(self.out / CHECKPOINT, self.device)
+        path = self.out / CHECKPOINT
+        ck = read_checkpoint(path, self.device)  # ModelFileError for a damaged one: never silently start over
         if ck is None:
             return False
-        self.model.load_state_dict(ck["model"])
-        self.state = MetaState(**ck["state"])
-        if "optimizer" in ck and self.mc.inner_state == "keep":
-            self._optimizer([p for p in self.model.parameters() if p.requires_grad]).load_state_dict(ck["optimizer"])
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.state = MetaState(**ck["state"])
+            if "optimizer" in ck and self.mc.inner_state == "keep":
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                self._optimizer(params).load_state_dict(ck["optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            detail = " ".join(str(e).split())[:400]
+            raise checkpoint_error(path, f"checkpoint {path} does not fit this run (written with other options, or "
+                                         f"damaged): {type(e).__name__}: {detail}") from None
         return True
 
     def save_best_model(self) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from polyfid.analysis.metrics import error_metrics
 from polyfid.data.batch import PackedData
-from polyfid.models import atomic_write, model_dict, read_checkpoint
+from polyfid.models import atomic_write, checkpoint_error, model_dict, read_checkpoint
 from polyfid.models.potential import Potential
 from polyfid.numerics import flush_denormals, resolve_device
 from polyfid.train.config import TrainingConfig
@@ -321,16 +321,22 @@ class Trainer:
 
     def load_checkpoint(self) -> bool:
         """Restore from out/checkpoint.pt if present; returns whether it was."""
-        ck = read_checkpoint(self.out / CHECKPOINT, self.device)
+        path = self.out / CHECKPOINT
+        ck = read_checkpoint(path, self.device)  # ModelFileError for a damaged one: never silently start over
         if ck is None:
             return False
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        if self.ema is not None and ck["ema"] is not None:
-            self.ema.load_state_dict(ck["ema"])
-        st = ck["state"]
-        # checkpoints written before step budgets lack step and final_steps: the defaults
-        self.state = TrainState(**{k: st[k] for k in TrainState.__dataclass_fields__ if k in st})
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            if self.ema is not None and ck["ema"] is not None:
+                self.ema.load_state_dict(ck["ema"])
+            st = ck["state"]
+            # checkpoints written before step budgets lack step and final_steps: the defaults
+            self.state = TrainState(**{k: st[k] for k in TrainState.__dataclass_fields__ if k in st})
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            detail = " ".join(str(e).split())[:400]
+            raise checkpoint_error(path, f"checkpoint {path} does not fit this run (written with other options, or "
+                                         f"damaged): {type(e).__name__}: {detail}") from None
         return True
 
     def save_best_model(self) -> None:
@@ -355,6 +361,7 @@ class Trainer:
         keys: list[str] = []
         for r in self.state.history:
             keys += [k for k in r if k not in keys]
+        # a fixed temporary name: a write killed here leaves it, and the next flush overwrites and renames it
         tmp = self.out / "metrics.csv.tmp"
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=keys)
