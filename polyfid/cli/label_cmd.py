@@ -59,6 +59,7 @@ def _frames(args) -> list:
 def run(args) -> int:
     from polyfid.label import LabelStore, check_frames, estimate_cost, label_frames, parse_level
     from polyfid.label.cluster import executor_for
+    from polyfid.label.runner import log_beside
 
     level = parse_level(args.level).name  # a LevelError ends the command with its message (cli.main)
     frames = _frames(args)
@@ -86,6 +87,7 @@ def run(args) -> int:
         print(f"  failed: {frames[i].source or i}: {reason}")
     if len(report.failed) > 20:
         print(f"  ... and {len(report.failed) - 20} more failures (not retried; they never enter training)")
-    print(f"store {args.store}: {level}: {counts['ok']} ok, {counts['failed']} failed")
+    print(f"store {args.store}: {level}: {counts['ok']} ok, {counts['failed']} failed; engine output in "
+          f"{log_beside(args.store)}")
     return 0
 

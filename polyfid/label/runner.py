@@ -14,6 +14,7 @@ structures another run is computing, and takes them over if that run dies.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -21,9 +22,10 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -51,8 +53,47 @@ def _set_threads(n: int) -> None:
         pass
 
 
-def _work(level: str, numbers, positions, forces: bool, charge: int, mult: int, threads: int):
-    """One calculation in a worker: (energy, forces, seconds, failure reason, worker id)."""
+@contextlib.contextmanager
+def engine_output(log: str | Path | None) -> Iterator[None]:
+    """Send what the engines print (PySCF's and tblite's warnings, Python warnings: file
+    descriptors 1 and 2) to the end of `log` while the block runs; None: leave it where it goes.
+    For worker processes: in a process that shows a progress bar on stderr it would hide the bar."""
+    try:  # a worker on another host (Dask) may not see the folder: then the output stays there
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log is not None else None
+    except OSError:
+        fd = None
+    if fd is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved, streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+    # Python-level writers too: sys.stdout may not be file descriptor 1 (a notebook, pytest)
+    text = open(os.dup(fd), "a", buffering=1)  # noqa: SIM115 (closed below)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = sys.stderr = text
+        yield
+    finally:
+        text.flush()
+        sys.stdout, sys.stderr = streams
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        text.close()
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def log_beside(store: str | Path) -> Path:
+    """The engine log of a label store: labels.sqlite -> labels.log."""
+    return Path(store).with_suffix(".log")
+
+
+def _work(level: str, numbers, positions, forces: bool, charge: int, mult: int, threads: int,
+          log: str | None = None):
+    """One calculation in a worker: (energy, forces, seconds, failure reason, worker id); what
+    the engine prints goes to `log`."""
     _set_threads(threads)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     t0 = time.perf_counter()
@@ -60,7 +101,8 @@ def _work(level: str, numbers, positions, forces: bool, charge: int, mult: int, 
     if delay > 0:
         time.sleep(delay)
     try:
-        e, f = compute(level, numbers, positions, forces=forces, charge=charge, multiplicity=mult)
+        with engine_output(log):
+            e, f = compute(level, numbers, positions, forces=forces, charge=charge, multiplicity=mult)
         return e, f, time.perf_counter() - t0, None, worker
     except (CalculationFailed, LevelError) as err:
         return None, None, time.perf_counter() - t0, str(err), worker
@@ -149,6 +191,7 @@ def label_frames(
     threads_per_worker: int = 1,
     executor: Executor | None = None,
     progress: bool = True,
+    log: str | Path | None = None,
 ) -> LabelReport:
     """Compute `level` energies (eV) and forces (eV/Å) of `frames` not yet in `store`.
 
@@ -156,11 +199,13 @@ def label_frames(
     the executor cannot tell); threads_per_worker: OMP threads of each calculation. Re-running
     after a kill recomputes nothing that finished; other runs on the same store at the same time
     compute none of the same structures (the store's claims). Raises LevelError before any
-    calculation for frames that cannot be labelled (see :func:`check_frames`).
+    calculation for frames that cannot be labelled (see :func:`check_frames`). What the engines
+    print goes to `log` (default: beside the store, labels.sqlite -> labels.log).
     """
     lv = check_frames(frames, level, forces)
     own_store = not isinstance(store, LabelStore)
     st = LabelStore(store) if own_store else store
+    log = str(Path(log).absolute() if log is not None else log_beside(st.path).absolute())
     t0 = time.perf_counter()
     try:
         done = st.done(lv.name, forces)
@@ -171,7 +216,7 @@ def label_frames(
         computed: set[str] = set()
         if todo:
             computed, failed, used = _run(frames, todo, lv.name, st, forces, workers, threads_per_worker, executor,
-                                          progress)
+                                          progress, log)
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
         for key, _, reason in st.failures(lv.name):
             if key not in computed and key in first:  # failures recorded earlier, or by another run, are reported
@@ -249,7 +294,8 @@ def _parallelism(executor: Executor | None, workers: int) -> int:
     return max(1, workers)
 
 
-def _run(frames, todo: dict[str, int], level, store: LabelStore, forces, workers, threads, executor, progress):
+def _run(frames, todo: dict[str, int], level, store: LabelStore, forces, workers, threads, executor, progress,
+         log: str):
     """Compute frames[todo.values()] under the store's claims; (keys computed here, failures,
     calculations per worker).
 
@@ -292,7 +338,7 @@ def _run(frames, todo: dict[str, int], level, store: LabelStore, forces, workers
                     for k in claimed:
                         fr = frames[todo[k]]
                         futures[executor.submit(_work, level, fr.numbers, fr.positions, forces, fr.charge,
-                                                fr.multiplicity, threads)] = k
+                                                fr.multiplicity, threads, log)] = k
                 if futures:
                     # wake up to renew the claims, or to look at busy structures when there is room
                     wake = last_renew + HEARTBEAT
@@ -384,6 +430,7 @@ def estimate_cost(
     workers: int = 1,
     threads_per_worker: int = 1,
     executor: Executor | None = None,
+    log: str | Path | None = None,
 ) -> CostEstimate:
     """Time per structure measured on a sample, projected onto the structures not yet in the store.
 
@@ -403,7 +450,7 @@ def estimate_cost(
             idx = list(todo.values())
             pick = [idx[j] for j in np.linspace(0, len(idx) - 1, min(missing, len(idx))).round().astype(int)]
             label_frames([frames[i] for i in pick], lv.name, st, forces=forces, workers=1,
-                         threads_per_worker=threads_per_worker, executor=executor, progress=False)
+                         threads_per_worker=threads_per_worker, executor=executor, progress=False, log=log)
             done = st.done(lv.name, forces)
             todo = {k: i for k, i in todo.items() if k not in done}
             timings = st.timings(lv.name, forces)

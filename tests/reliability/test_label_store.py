@@ -138,7 +138,7 @@ class RacingExecutor(Executor):
     def __init__(self, store: Path) -> None:
         self.store = store
 
-    def submit(self, fn, level, numbers, positions, forces, charge, mult, threads):  # noqa: D102
+    def submit(self, fn, level, numbers, positions, forces, charge, mult, threads, log):  # noqa: D102
         fr = Frame(numbers, positions, charge=charge, multiplicity=mult)
         with LabelStore(self.store) as other:
             other.put(fr, level, *compute(level, numbers, positions, forces=True))
