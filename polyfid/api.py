@@ -16,6 +16,7 @@ from polyfid.data.readers import read
 from polyfid.errors import DataError
 from polyfid.models import load_model
 from polyfid.models.potential import Potential
+from polyfid.neighbors.checks import model_geometry
 from polyfid.train.run import RunResult, run_training
 
 
@@ -63,7 +64,8 @@ def evaluate(
     """Errors of `model` on `data` per fidelity (energy MAE/RMSE in meV, forces in meV/Å).
 
     `data`: a data set, a file, or a list of files (merged: the same geometry in two files is
-    one frame). The result also holds the raw arrays under "_arrays" (for parity plots)."""
+    one frame). The result also holds the raw arrays under "_arrays" (for parity plots).
+    Raises GeometryError for a frame that fails the model's geometry checks."""
     model = _as_model(model)
     if not isinstance(data, Dataset):
         data = read(data, **read_options)
@@ -71,7 +73,9 @@ def evaluate(
     missing = set(data.elements) - set(model.species)
     if missing:
         raise DataError(f"data contain elements {sorted(missing)} the model was not trained on ({model.species})")
-    packed = PackedData(data, model.cutoff, model.fidelities, dtype=next(model.parameters()).dtype)
+    # frames are checked (GeometryError) with the limits the model was trained with
+    packed = PackedData(data, model.cutoff, model.fidelities, dtype=next(model.parameters()).dtype,
+                        **model_geometry(model))
     return error_metrics(model, packed, batch_size=batch_size)
 
 
@@ -82,7 +86,9 @@ def predict(
     batch_size: int = 64,
 ) -> list[dict[str, np.ndarray]]:
     """Energy (eV) and forces (eV/Å) at `fidelity` for each structure (ASE Atoms, Frames,
-    or a file of them). Returns [{"energy": float, "forces": (n, 3)}] in input order."""
+    or a file of them). Returns [{"energy": float, "forces": (n, 3)}] in input order.
+    Raises GeometryError for a structure the model should not see (atoms closer than its
+    min_distance, wider than its max_extent, non-finite positions, a singular cell)."""
     model = _as_model(model)
     head = model.head_index(fidelity)
     if isinstance(structures, (str, Path)):
@@ -100,7 +106,8 @@ def predict(
         data = Dataset(frames)
     for f in data.frames:
         f.labels = {}
-    packed = PackedData(data, model.cutoff, model.fidelities, dtype=next(model.parameters()).dtype)
+    packed = PackedData(data, model.cutoff, model.fidelities, dtype=next(model.parameters()).dtype,
+                        **model_geometry(model))
     from polyfid.analysis.metrics import predict_packed
 
     pred = predict_packed(model, packed, batch_size=batch_size, forces=True)

@@ -13,6 +13,7 @@ from polyfid.data.batch import single_frame_batch
 from polyfid.errors import ConfigError
 from polyfid.models import load_model
 from polyfid.models.potential import Potential
+from polyfid.neighbors.checks import model_geometry
 from polyfid.numerics import resolve_device
 
 
@@ -25,6 +26,10 @@ class PolyfidCalculator(Calculator):
     compile: compile the model with torch.compile (~25 s at the first call; HIP-NN then makes
     1.5-2x as many calls per second on small molecules, worth it for long MD; HIP-HOP-NN's
     compiled CPU code is slower than eager, leave it off there).
+
+    A structure with atoms closer than the model's data.min_distance, wider than its
+    data.max_extent (open directions), non-finite positions or a singular cell raises
+    polyfid.errors.GeometryError (a ValueError) before any neighbour list is built.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
@@ -54,6 +59,7 @@ class PolyfidCalculator(Calculator):
         for p in self.model.parameters():
             p.requires_grad_(False)  # only positions need gradients in MD
         self._predict = self.model.compiled() if compile else self.model
+        self._geometry = model_geometry(self.model)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
@@ -62,7 +68,8 @@ class PolyfidCalculator(Calculator):
         want_stress = "stress" in properties and periodic
         batch = single_frame_batch(
             a.numbers, a.positions, self.model.cutoff, a.cell.array if periodic else None,
-            a.pbc if periodic else None, dtype=self.dtype,
+            a.pbc if periodic else None, dtype=self.dtype, where="PolyfidCalculator: the structure",
+            **self._geometry,
         )
         if self.device.type != "cpu":
             batch = batch.to(self.device)

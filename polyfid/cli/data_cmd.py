@@ -18,6 +18,10 @@ def add_parser(sub) -> None:
     s.add_argument("--merge-tolerance", type=float, default=None,
                    help="Å; positions this close are the same geometry (default: data.merge_tolerance's, 1e-6)")
     s.add_argument("--format", help="reader name (detected if omitted)")
+    s.add_argument("--min-distance", type=float, default=None, metavar="A",
+                   help="Å; refuse frames with atoms closer than this (default: data.min_distance's, 0.1)")
+    s.add_argument("--max-extent", type=float, default=None, metavar="A",
+                   help="Å; refuse frames whose atoms span more than this (default: data.max_extent's, 1000)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=run_summary)
 
@@ -28,6 +32,10 @@ def run_summary(args) -> int:
     from polyfid.data.summary import format_summary, summarize
 
     tol = MERGE_TOLERANCE if args.merge_tolerance is None else args.merge_tolerance
-    summary = summarize(read(args.path, format=args.format, fidelity=args.fidelity, merge_tolerance=tol))
+    from polyfid.neighbors.checks import MAX_EXTENT, MIN_DISTANCE
+
+    data = read(args.path, format=args.format, fidelity=args.fidelity, merge_tolerance=tol)
+    summary = summarize(data, MIN_DISTANCE if args.min_distance is None else args.min_distance,
+                        MAX_EXTENT if args.max_extent is None else args.max_extent)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0

@@ -16,6 +16,7 @@ import torch
 from polyfid.data.frame import Dataset
 from polyfid.errors import DataError
 from polyfid.neighbors import neighbor_pairs
+from polyfid.neighbors.checks import MAX_EXTENT, MIN_DISTANCE, SAFE_EXTENT, check_pairs, pair_distances
 
 
 @dataclass
@@ -91,10 +92,14 @@ class PackedData:
     """All frames of a data set as flat tensors, with neighbour pairs within `cutoff` (Å).
 
     `fidelities` fixes the order of the label columns (the model's head order); label
-    sets of other fidelities are ignored.
+    sets of other fidelities are ignored. Every frame passes the geometry checks of
+    `polyfid.neighbors.neighbor_pairs` (atoms at least `min_distance` Å apart, spanning at most
+    `max_extent` Å, finite positions, a regular cell): a GeometryError names the first that
+    does not, by its source (or "frame k", 0-based), and its atoms.
     """
 
-    def __init__(self, dataset: Dataset, cutoff: float, fidelities: Sequence[str], dtype=torch.float64) -> None:
+    def __init__(self, dataset: Dataset, cutoff: float, fidelities: Sequence[str], dtype=torch.float64,
+                 min_distance: float = MIN_DISTANCE, max_extent: float = MAX_EXTENT) -> None:
         if len(dataset) == 0:
             raise DataError(f"data set {dataset.name!r} is empty")
         self.fidelities = list(fidelities)
@@ -103,8 +108,21 @@ class PackedData:
         n_fid = len(self.fidelities)
         n_atoms = np.array([f.n_atoms for f in frames], dtype=np.int64)
         pi, pj, ps, pk, n_pairs, max_nbr = [], [], [], [], [], []
-        for f in frames:
-            i, j, s, rank, kmax = sorted_pairs(*neighbor_pairs(f.positions, cutoff, f.cell, f.pbc), f.n_atoms)
+        prefix = f"{dataset.name}: " if dataset.name else ""
+        #: where each frame came from (its source, else "frame k"), for messages
+        self.sources = [f.source or f"{prefix}frame {k}" for k, f in enumerate(frames)]
+        positions = np.concatenate([f.positions for f in frames])
+        starts = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
+        # the checks for all frames at once (µs per frame count over 1e5 frames): open frames of
+        # finite positions within max_extent skip neighbor_pairs' own; the others take it, and
+        # it raises or wraps; distances are checked after the loop
+        span = np.maximum.reduceat(positions, starts, axis=0) - np.minimum.reduceat(positions, starts, axis=0)
+        periodic = np.array([bool(f.pbc.any()) for f in frames])
+        checked = np.all(span <= min(max_extent, SAFE_EXTENT), axis=1) & ~periodic  # NaN compares False
+        for f, where, done in zip(frames, self.sources, checked.tolist()):
+            ijs = neighbor_pairs(f.positions, cutoff, f.cell, f.pbc, numbers=f.numbers, where=where,
+                                 min_distance=None, max_extent=None if done else max_extent)
+            i, j, s, rank, kmax = sorted_pairs(*ijs, f.n_atoms)
             pk.append(rank)
             max_nbr.append(kmax)
             pi.append(i)
@@ -118,10 +136,12 @@ class PackedData:
         self.pair_rank = torch.from_numpy(np.concatenate(pk))
         self.atom_ptr = np.concatenate([[0], np.cumsum(n_atoms)])
         self.pair_ptr = np.concatenate([[0], np.cumsum(self.n_pairs)])
-        self.periodic = any(bool(np.any(f.pbc)) for f in frames)
+        self.periodic = bool(periodic.any())
 
         self.numbers = torch.from_numpy(np.concatenate([f.numbers for f in frames]))
-        self.positions = torch.from_numpy(np.concatenate([f.positions for f in frames])).to(dtype)
+        self._check_distances(frames, positions, np.concatenate(pi), np.concatenate(pj), np.concatenate(ps),
+                              min_distance)
+        self.positions = torch.from_numpy(positions).to(dtype)
         self.pair_i = torch.from_numpy(np.concatenate(pi))
         self.pair_j = torch.from_numpy(np.concatenate(pj))
         self.shifts = torch.from_numpy(np.concatenate(ps).astype(np.float64)).to(dtype)
@@ -155,6 +175,41 @@ class PackedData:
         self.forces_mask = torch.from_numpy(f_mask)
         self.stress = torch.from_numpy(stress).to(dtype)
         self.stress_mask = torch.from_numpy(s_mask)
+
+    #: pairs per block of the distance check (bounds its memory on large data sets)
+    _CHECK_BLOCK = 1 << 20
+
+    def _check_distances(self, frames: Sequence, positions: np.ndarray, pi: np.ndarray, pj: np.ndarray,
+                         ps: np.ndarray, min_distance: float) -> None:
+        """GeometryError for the first frame with two atoms closer than `min_distance` Å: one
+        vectorised pass over all pairs (frame-local indices pi, pj (P,), shifts ps (P, 3)) of
+        positions (N, 3) Å, a few percent of building the lists."""
+        if not len(pi):
+            return
+        pair_frame = np.repeat(np.arange(self.n_frames), self.n_pairs)
+        start = self.atom_ptr[:-1][pair_frame]
+        if self.periodic:
+            cells = np.zeros((self.n_frames, 3, 3))
+            for b, f in enumerate(frames):
+                if f.cell is not None and f.pbc.any():
+                    cells[b] = f.cell
+        bad = None
+        for a in range(0, len(pi), self._CHECK_BLOCK):
+            sl = slice(a, a + self._CHECK_BLOCK)
+            d = positions[pj[sl] + start[sl]] - positions[pi[sl] + start[sl]]
+            if self.periodic:
+                d += np.einsum("pk,pkl->pl", ps[sl].astype(np.float64), cells[pair_frame[sl]])
+            close = np.flatnonzero(np.einsum("pk,pk->p", d, d) < min_distance**2)
+            if len(close):
+                bad = a + int(close[0])
+                break
+        if bad is None:
+            return
+        b = int(pair_frame[bad])
+        f, lo, hi = frames[b], self.pair_ptr[b], self.pair_ptr[b + 1]
+        i, j, s = pi[lo:hi], pj[lo:hi], ps[lo:hi]
+        cell = f.cell if f.cell is not None and f.pbc.any() else None
+        check_pairs(i, j, pair_distances(f.positions, i, j, s, cell), min_distance, self.sources[b], f.numbers)
 
     def __len__(self) -> int:
         return self.n_frames
@@ -222,10 +277,19 @@ def single_frame_batch(
     cell: np.ndarray | None = None,
     pbc: np.ndarray | None = None,
     dtype: torch.dtype = torch.float32,
+    min_distance: float = MIN_DISTANCE,
+    max_extent: float = MAX_EXTENT,
+    where: str = "structure",
 ) -> Batch:
-    """A label-free Batch of one structure (the MD / calculator path)."""
+    """A label-free Batch of one structure (the MD / calculator path): numbers (N,), positions
+    (N, 3) Å, cell (3, 3) Å with pbc (3,) bool, or None for an open structure.
+
+    Raises GeometryError naming `where` and the atoms for a frame that fails the geometry
+    checks (`polyfid.neighbors.neighbor_pairs`: `min_distance`, `max_extent` in Å)."""
     n = len(numbers)
-    i, j, s, rank, kmax = sorted_pairs(*neighbor_pairs(positions, cutoff, cell, pbc), n)
+    ijs = neighbor_pairs(positions, cutoff, cell, pbc, numbers=np.asarray(numbers), where=where,
+                         min_distance=min_distance, max_extent=max_extent)
+    i, j, s, rank, kmax = sorted_pairs(*ijs, n)
     kmax = max(kmax, 1)
     periodic = pbc is not None and bool(np.any(pbc))
     slot = i * kmax + rank

@@ -8,10 +8,14 @@ from typing import Any
 import numpy as np
 
 from polyfid.data.frame import Dataset
+from polyfid.neighbors.checks import MAX_EXTENT, MIN_DISTANCE, check_frames
 
 
-def summarize(dataset: Dataset) -> dict[str, Any]:
-    """Statistics of `dataset` as a plain dict.
+def summarize(dataset: Dataset, min_distance: float = MIN_DISTANCE, max_extent: float = MAX_EXTENT) -> dict[str, Any]:
+    """Statistics of `dataset` as a plain dict, after the geometry checks training applies
+    (`polyfid.neighbors.checks`: atoms at least `min_distance` Å apart, spanning at most
+    `max_extent` Å): a frame that fails them raises GeometryError, so that it is found here
+    rather than by a training run.
 
     Keys: ``name``, ``frames``, ``atoms`` (min/mean/max atoms per frame), ``elements`` (symbols),
     ``formulas`` (number of distinct formulas), ``fidelities``: name -> {``frames`` (frames with
@@ -23,6 +27,7 @@ def summarize(dataset: Dataset) -> dict[str, Any]:
     """
     from ase.data import chemical_symbols
 
+    check_frames(dataset, min_distance, max_extent, name=dataset.name)
     n_atoms = np.array([f.n_atoms for f in dataset], dtype=np.int64)
     out: dict[str, Any] = {
         "name": dataset.name,

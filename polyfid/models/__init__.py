@@ -446,6 +446,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     target = (meta.get("target") if isinstance(meta, dict) else None) if d.get("kind") != "delta" else d["target"]
     if target in model.fidelities:
         model.default_fidelity = target
+    # the geometry checks it was trained with (data.min_distance, data.max_extent) apply to its inputs
+    meta = d.get("metadata") or {}
+    model.geometry_limits = {k: float(meta[k]) for k in ("min_distance", "max_extent") if k in meta}
     model.eval()
     return model
 

@@ -140,8 +140,9 @@ class DataConfig:
         0.1, "Å; frames with two atoms closer than this are refused (a DataError naming the file, frame and atoms): "
         "coincident atoms turn every weight of a network into NaN", gt=0, unit="Å")
     max_extent: float = opt(
-        1000.0, "Å; non-periodic frames whose atoms span more than this along x, y or z are refused (a fragment "
-        "flown off in MD); neighbour lists over such a box fail", gt=0, unit="Å")
+        1000.0, "Å; frames whose atoms span more than this along x, y or z (periodic directions wrapped into the "
+        "cell first) are refused (a fragment flown off in MD); neighbour lists over such a box fail, and above "
+        "2e4 Å crash", gt=0, le=2e4, unit="Å")
 
 
 @dataclass

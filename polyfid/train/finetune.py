@@ -27,6 +27,7 @@ from polyfid.data.splits import split_indices
 from polyfid.errors import DataError
 from polyfid.models import BranchedPotential, atomic_write, build_potential, load_model, model_dict
 from polyfid.models.potential import Potential
+from polyfid.neighbors.checks import model_geometry
 from polyfid.numerics import resolve_device
 from polyfid.train.config import ConfigError, OutputConfig, Range, TrainingConfig, check_number, from_dict
 from polyfid.train.strategies import DTYPES, _freeze, _stage, restrict
@@ -113,7 +114,9 @@ def add_head(model: Potential, data: Dataset, fidelity: str, init: str = "best")
         new.readout.bias[:h_old] = model.readout.bias
         new.atom_ref[:, :h_old] = model.atom_ref
         new.energy_scale[:h_old] = model.energy_scale
-    packed = PackedData(data, model.cutoff, [fidelity], dtype=next(model.parameters()).dtype)
+    new.geometry_limits = model_geometry(model)
+    packed = PackedData(data, model.cutoff, [fidelity], dtype=next(model.parameters()).dtype,
+                        **model_geometry(model))
     col_mask = packed.energy_mask[:, 0].numpy()
     counts = _composition(model, packed)
     source: str | None = None
@@ -257,6 +260,7 @@ def finetune(
     keep = _frozen_heads(net, trained)
     model_cfg = dict(net.model_config)
     meta = {"strategy": "finetune", "target": fidelity, "source_head": head, "trainable": trainable}
+    meta |= model_geometry(source)  # the checks the source model was trained with go on applying
     output = OutputConfig(progress=progress, tensorboard=False, plots=False)
     stages: dict[str, TrainState] = {}
     n_epoch = training["epoch_frames"] if replay is not None else len(train_ds)

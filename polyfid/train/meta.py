@@ -41,10 +41,19 @@ from polyfid.models import (
     read_checkpoint,
 )
 from polyfid.models.potential import Potential
+from polyfid.neighbors.checks import check_frames
 from polyfid.numerics import flush_denormals, resolve_device, set_threads
 from polyfid.train.config import Config, ConfigError, MetaConfig, TrainingConfig, load_config
-from polyfid.train.strategies import DTYPES, restrict
-from polyfid.train.trainer import BEST_MODEL, CHECKPOINT, loss_weights, step_loss, validation_loss
+from polyfid.train.strategies import DTYPES, data_geometry, restrict
+from polyfid.train.trainer import (
+    BEST_MODEL,
+    CHECKPOINT,
+    clip_and_check,
+    loss_weights,
+    require_finite,
+    step_loss,
+    validation_loss,
+)
 
 HEAD_PARAMETERS = ("readout.weight", "readout.bias")  # row h belongs to task h
 
@@ -167,13 +176,15 @@ class ReptileTrainer:
         stress = self.tc.stress_weight > 0 and bool(data.stress_mask.any())
         self.model.train()
         for _ in range(self.mc.inner_steps):
-            batch = data.batch(np.sort(rng.choice(data.n_frames, size=bs, replace=False))).to(self.device)
+            idx = np.sort(rng.choice(data.n_frames, size=bs, replace=False))
+            batch = data.batch(idx).to(self.device)
             loss, *_ = step_loss(self.model, batch, self.weights, forces, stress, self.tc.loss, self.tc.huber_delta,
                                  self.tc.loss_balance)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if self.tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
+            # the outer step's number: a diverged inner loop stops the run before θ takes it in
+            clip_and_check(loss, params, self.tc.grad_clip, self.state.step, [data.sources[int(b)] for b in idx],
+                           opt.param_groups[0]["lr"], self.out / CHECKPOINT)
             opt.step()
         return {k: v.detach().clone() for k, v in self.model.named_parameters()}
 
@@ -208,6 +219,7 @@ class ReptileTrainer:
     def save_checkpoint(self) -> None:
         d = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
              "state": asdict(self.state)}
+        require_finite(d["model"], str(self.out / CHECKPOINT), self.state.step)
         if self._opt is not None and self.mc.inner_state == "keep":
             d["optimizer"] = self._opt.state_dict()
         atomic_write(d, self.out / CHECKPOINT, durable=False)
@@ -233,6 +245,7 @@ class ReptileTrainer:
 
     def save_best_model(self) -> None:
         d = model_dict(self.model, self.model_config, self.metadata | {"outer_step": self.state.step})
+        require_finite(d["state_dict"], str(self.out / BEST_MODEL), self.state.step)
         atomic_write(d, self.out / BEST_MODEL)
 
     def _write_history(self) -> None:
@@ -329,11 +342,13 @@ def meta_train(
     torch.manual_seed(tc.seed)
     model = build_potential(model_cfg, species, names)
     dtype = DTYPES[tc.dtype]
-    all_train = PackedData(train_ds, model.cutoff, names, dtype=dtype)
+    geometry = data_geometry(cfg)
+    all_train = PackedData(train_ds, model.cutoff, names, dtype=dtype, **geometry)
     refs = model.fit_reference_energies(all_train)
-    tasks = {t: PackedData(restrict(train_ds, [t]), model.cutoff, names, dtype=dtype) for t in names}
-    val = PackedData(val_ds, model.cutoff, names, dtype=dtype) if val_ds is not None and len(val_ds) else None
-    meta = {"strategy": "reptile", "tasks": {t: d.n_frames for t, d in tasks.items()},
+    tasks = {t: PackedData(restrict(train_ds, [t]), model.cutoff, names, dtype=dtype, **geometry) for t in names}
+    val = (PackedData(val_ds, model.cutoff, names, dtype=dtype, **geometry)
+           if val_ds is not None and len(val_ds) else None)
+    meta = geometry | {"strategy": "reptile", "tasks": {t: d.n_frames for t, d in tasks.items()},
             "reference_energies_eV": {f: dict(zip(model.species, r)) for f, r in refs.items()},
             "meta": asdict(mc)}
     model = model.to(dtype=dtype, device=resolve_device(tc.device, "training.device"))
@@ -355,6 +370,7 @@ def run_meta_training(config: Config | dict | str | Path, resume: bool = False) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     train_ds, val_ds, test_ds = build_datasets(cfg.data)
+    check_frames(test_ds, **data_geometry(cfg), name=test_ds.name)
     res = meta_train(cfg, train_ds, val_ds, out, resume=resume)
     dtype, dev = DTYPES[cfg.training.dtype], cfg.training.device
     summary = {"strategy": "reptile", "tasks": res.tasks, "outer_steps": res.state.step,

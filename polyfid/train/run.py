@@ -21,9 +21,10 @@ from polyfid.data.readers import read
 from polyfid.data.splits import parse_slice, split_indices
 from polyfid.errors import DataError
 from polyfid.models import DeltaPotential, Potential
+from polyfid.neighbors.checks import check_frames, model_geometry
 from polyfid.numerics import resolve_device, set_threads
 from polyfid.train.config import Config, DataConfig, DatasetSpec, load_config
-from polyfid.train.strategies import DTYPES, fit_strategy
+from polyfid.train.strategies import DTYPES, data_geometry, fit_strategy
 
 
 def load_spec(spec: DatasetSpec) -> Dataset:
@@ -90,7 +91,8 @@ def _metrics(model: Potential | DeltaPotential, ds: Dataset | None, dtype: torch
     missing = set(ds.elements) - set(model.species)
     if missing:
         raise DataError(f"evaluation data contain elements {sorted(missing)} absent from the training data")
-    return error_metrics(model, PackedData(ds, model.cutoff, model.fidelities, dtype=dtype), device=device)
+    packed = PackedData(ds, model.cutoff, model.fidelities, dtype=dtype, **model_geometry(model))
+    return error_metrics(model, packed, device=device)
 
 
 def check_devices(cfg: Config) -> None:
@@ -112,6 +114,7 @@ def run_training(config: Config | dict | str | Path, resume: bool = False) -> Ru
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     train_ds, val_ds, test_ds = build_datasets(cfg.data)
+    check_frames(test_ds, **data_geometry(cfg), name=test_ds.name)  # now, not after hours of training
     res = fit_strategy(cfg, train_ds, val_ds, out, resume=resume)
     best = res.model
     val_metrics = _metrics(best, val_ds, dtype, tc.device)

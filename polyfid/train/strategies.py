@@ -29,6 +29,7 @@ from polyfid.models import (
     load_model,
     model_dict,
 )
+from polyfid.neighbors.checks import model_geometry
 from polyfid.numerics import resolve_device
 from polyfid.train.config import Config, ConfigError, ModelConfig, StrategyConfig, TrainingConfig, from_dict
 from polyfid.train.trainer import BEST_MODEL, CHECKPOINT, Trainer, TrainState
@@ -165,15 +166,19 @@ def _stage(
     regularizer=None,
     metadata: dict | None = None,
     energy_scale: torch.Tensor | None = None,
+    geometry: dict[str, float] | None = None,
 ) -> tuple[Potential, TrainState]:
     """Fit references (optional; then set every head's scale to `energy_scale` if given:
     weights copied from another model keep their meaning), train, return the best model
-    and the final state."""
+    and the final state. `geometry`: the geometry checks' limits (data.min_distance,
+    data.max_extent, Å; default: the model's own), kept in the model file's metadata."""
     dtype = DTYPES[tc.dtype]
     fids = list(model.fidelities)
-    train = PackedData(train_ds, model.cutoff, fids, dtype=dtype)
-    val = PackedData(val_ds, model.cutoff, fids, dtype=dtype) if val_ds is not None and len(val_ds) else None
-    meta = dict(metadata or {})
+    geometry = model_geometry(model) if geometry is None else dict(geometry)
+    train = PackedData(train_ds, model.cutoff, fids, dtype=dtype, **geometry)
+    val = (PackedData(val_ds, model.cutoff, fids, dtype=dtype, **geometry)
+           if val_ds is not None and len(val_ds) else None)
+    meta = dict(metadata or {}) | geometry
     if fit_references:
         refs = model.fit_reference_energies(train)
         meta["reference_energies_eV"] = {f: dict(zip(model.species, r)) for f, r in refs.items()}
@@ -243,6 +248,7 @@ def fit_strategy(
     model_cfg = asdict(cfg.model)
     torch.manual_seed(tc.seed)
     stages: dict[str, TrainState] = {}
+    geometry = data_geometry(cfg)
 
     warm = name in ("multi-head", "embedding") and (warm_starts(sc, name, len(train_ds.fidelities))
                                                      or base_model is not None)
@@ -265,12 +271,12 @@ def fit_strategy(
         tr_b = restrict(train_ds, [base])
         va_b = restrict(val_ds, [base]) if val_ds is not None else None
         base_model, stages["base"] = _stage(m, tr_b, va_b, tc, out / "base", model_cfg, cfg.output, resume,
-                                            metadata={"strategy": "single", "target": base})
+                                            metadata={"strategy": "single", "target": base}, geometry=geometry)
     elif base not in base_model.fidelities:
         raise ConfigError(f"the given base model has fidelities {base_model.fidelities}, not {base!r}")
     tc2 = _second_stage_config(tc, sc.second_stage, name)
     torch.manual_seed(tc2.seed)
-    meta = {"strategy": name, "target": target, "base": base}
+    meta = {"strategy": name, "target": target, "base": base} | geometry
 
     if name == "delta":
         tr_d = delta_dataset(train_ds, target, base)
@@ -280,9 +286,10 @@ def fit_strategy(
         d_cfg = asdict(from_dict(ModelConfig, model_cfg | dict(sc.delta_model), "strategy.delta_model"))
         delta = build_potential(d_cfg, species, [target])
         delta, stages["delta"] = _stage(delta, tr_d, va_d, tc2, out / "delta", d_cfg, cfg.output, resume,
-                                        metadata=meta)
+                                        metadata=meta, geometry=geometry)
         b = base_model.to(dtype=DTYPES[tc.dtype], device=resolve_device(tc2.device, "strategy.second_stage.device"))
         model: Potential | DeltaPotential = DeltaPotential(b, delta, target, base)
+        model.geometry_limits = geometry
         b_cfg = getattr(base_model, "model_config", None) or model_cfg
         atomic_write(model_dict(model, {"base": b_cfg, "delta": d_cfg}, meta), out / BEST_MODEL)
         return StrategyResult(model, out / BEST_MODEL, name, target, stages)
@@ -304,7 +311,7 @@ def fit_strategy(
     warm_start(model, base_model, col)
     _freeze(model, sc.trainable)
     best, stages["finetune"] = _stage(model, tr_t, va_t, tc2, out / "finetune", model_cfg, cfg.output, resume,
-                                      metadata=meta, energy_scale=scale)
+                                      metadata=meta, energy_scale=scale, geometry=geometry)
     shutil.copyfile(out / "finetune" / BEST_MODEL, out / BEST_MODEL)
     return StrategyResult(best, out / BEST_MODEL, name, target, stages)
 
@@ -331,7 +338,12 @@ def _one_network(cfg, name, fids, train_ds, val_ds, out, resume, target, base, s
         reg = lambda: lam * model.head_tie_penalty(b)  # noqa: E731
     meta = {"strategy": name, "target": target, "base": base}
     return _stage(model, tr, va, tc, out, model_cfg, cfg.output, resume, regularizer=reg, metadata=meta,
-                  energy_scale=scale)
+                  energy_scale=scale, geometry=data_geometry(cfg))
+
+
+def data_geometry(cfg: Config) -> dict[str, float]:
+    """The geometry checks' limits of a configuration (data.min_distance, data.max_extent, Å)."""
+    return {"min_distance": cfg.data.min_distance, "max_extent": cfg.data.max_extent}
 
 
 def own_blocks(sc: StrategyConfig, n_interactions: int) -> int:

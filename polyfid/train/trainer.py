@@ -23,6 +23,7 @@ import torch
 
 from polyfid.analysis.metrics import error_metrics
 from polyfid.data.batch import PackedData
+from polyfid.errors import TrainingDiverged
 from polyfid.models import atomic_write, checkpoint_error, model_dict, read_checkpoint
 from polyfid.models.potential import Potential
 from polyfid.numerics import flush_denormals, resolve_device
@@ -67,6 +68,62 @@ def batch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None = None
     if weights is None:
         return rng.permutation(n)
     return rng.choice(n, size=size or n, replace=True, p=weights / weights.sum())
+
+
+#: frames of a diverged batch named in the message
+LISTED_FRAMES = 5
+
+
+def clip_and_check(
+    loss: torch.Tensor,
+    params: list[torch.nn.Parameter],
+    grad_clip: float | None,
+    step: int,
+    frames: list[str],
+    lr: float,
+    checkpoint: Path | None = None,
+) -> None:
+    """After ``loss.backward()``: clip the gradient norm to `grad_clip` (None/0: no clipping)
+    and raise TrainingDiverged if the loss or the gradient is not finite, before
+    ``optimizer.step`` could spread it into the weights. The message names the 0-based optimiser
+    `step`, the batch's `frames` (sources; the first few), the learning rate and the options to
+    change. One device sync, which the loss logging after the step costs anyway."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # the norm before clipping
+    elif grads:
+        norm = torch.nn.utils.get_total_norm(grads)
+    else:
+        norm = loss.new_zeros(())
+    if bool(torch.isfinite(loss.detach() + norm.to(loss.dtype))):
+        return
+    listed = ", ".join(frames[:LISTED_FRAMES]) + (f" and {len(frames) - LISTED_FRAMES} more"
+                                                   if len(frames) > LISTED_FRAMES else "")
+    finite_loss = bool(torch.isfinite(loss.detach()))
+    what = f"the gradient norm is {float(norm)}" if finite_loss else f"the loss is {float(loss.detach())}"
+    kept = (f"; the last finite checkpoint, {checkpoint}, is kept (continue with --resume after changing options)"
+            if checkpoint is not None and checkpoint.exists() else "")
+    raise TrainingDiverged(
+        f"training diverged at step {step}: {what}, on a batch of frames {listed}{kept}. Lower training.lr "
+        f"(now {lr:g}), set or lower training.grad_clip (now {grad_clip}), or look at these frames for atoms "
+        "too close together (raise data.min_distance) or wrong labels")
+
+
+def require_finite(tensors: dict[str, Any], what: str, step: int) -> None:
+    """Raise TrainingDiverged if any floating tensor in `tensors` (a state dict, possibly nested)
+    is not finite: no model file or checkpoint is written with non-finite weights."""
+    def walk(v: Any, key: str) -> None:
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise TrainingDiverged(f"training diverged by step {step}: {what} would hold non-finite weights "
+                                       f"({key}); it is not written. Lower training.lr or set training.grad_clip")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, f"{key}.{k}" if key else str(k))
+        elif isinstance(v, (list, tuple)):
+            for k, x in enumerate(v):
+                walk(x, f"{key}[{k}]")
+    walk(tensors, "")
 
 
 #: steps at the start of the final phase whose squared gradients floor Adam's second moments
@@ -153,7 +210,7 @@ class Trainer:
         self.progress, self.tensorboard = progress, tensorboard
         self.device = resolve_device(cfg.device, "training.device")
         self.dtype = next(model.parameters()).dtype
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = self._params = [p for p in model.parameters() if p.requires_grad]
         try:
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         except (RuntimeError, TypeError):  # fused kernels missing for this device/dtype
@@ -247,7 +304,8 @@ class Trainer:
             lr = self._lr(frac)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-            batch = self.train.batch(order[k * bs : (k + 1) * bs]).to(self.device)
+            idx = order[k * bs : (k + 1) * bs]
+            batch = self.train.batch(idx).to(self.device)
             loss, terms, heads, dheads = step_loss(
                 self.model, batch, self._weights(frac), forces, stress, self.cfg.loss, self.cfg.huber_delta,
                 self.cfg.loss_balance)
@@ -255,8 +313,8 @@ class Trainer:
                 loss = loss + self.regularizer()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            clip_and_check(loss, self._params, self.cfg.grad_clip, self.state.step,
+                           [self.train.sources[int(b)] for b in idx], lr, self.out / CHECKPOINT)
             self._second_moment_floor(self._final(frac))
             self.optimizer.step()
             self.state.step += 1
@@ -316,7 +374,9 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self._flush_logs()
-        atomic_write(self.checkpoint_dict(), self.out / CHECKPOINT, durable=False)
+        d = self.checkpoint_dict()
+        require_finite({"model": d["model"], "ema": d["ema"]}, str(self.out / CHECKPOINT), self.state.step)
+        atomic_write(d, self.out / CHECKPOINT, durable=False)
         self._last_checkpoint = time.perf_counter()
 
     def load_checkpoint(self) -> bool:
@@ -342,6 +402,7 @@ class Trainer:
     def save_best_model(self) -> None:
         with self.ema.applied() if self.ema else contextlib.nullcontext():
             d = model_dict(self.model, self.model_config, self.metadata | {"epoch": self.state.epoch})
+        require_finite(d["state_dict"], str(self.out / BEST_MODEL), self.state.step)
         atomic_write(d, self.out / BEST_MODEL)
 
     # ---- logs -------------------------------------------------------------------------
