@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -85,14 +86,17 @@ def predict(
     fidelity: str | None = None,
     batch_size: int = 64,
 ) -> list[dict[str, np.ndarray]]:
-    """Energy (eV) and forces (eV/Å) at `fidelity` for each structure (ASE Atoms, Frames,
-    or a file of them). Returns [{"energy": float, "forces": (n, 3)}] in input order.
+    """Energy (eV) and forces (eV/Å) at `fidelity` for each structure (ASE Atoms, Frames, a
+    Dataset, or a file of any format `polyfid.read` reads, whose labels are ignored). Returns
+    [{"energy": float, "forces": (n, 3)}] in input order; the input is left unchanged.
     Raises GeometryError for a structure the model should not see (atoms closer than its
     min_distance, wider than its max_extent, non-finite positions, a singular cell)."""
     model = _as_model(model)
     head = model.head_index(fidelity)
     if isinstance(structures, (str, Path)):
         data = read(structures)
+    elif isinstance(structures, Dataset):
+        data = structures
     else:
         from polyfid.data.frame import Frame
 
@@ -104,8 +108,7 @@ def predict(
                 cell = s.cell.array if s.pbc.any() else None
                 frames.append(Frame(s.numbers, s.positions, cell=cell, pbc=s.pbc, source=f"structure {k}"))
         data = Dataset(frames)
-    for f in data.frames:
-        f.labels = {}
+    data = Dataset([dataclasses.replace(f, labels={}) for f in data])  # labels ignored; the caller's kept
     packed = PackedData(data, model.cutoff, model.fidelities, dtype=next(model.parameters()).dtype,
                         **model_geometry(model))
     from polyfid.analysis.metrics import predict_packed

@@ -417,6 +417,8 @@ class LabelStore:
             if want is not None and level not in want:
                 continue
             where = self._where(rowid, key, level)
+            if not isinstance(key, str) or not isinstance(level, str):
+                raise DataError(f"{where}: key {key!r} and level {level!r} must be text{_FIX}")
             fr = frames.get(key)
             if fr is None:
                 fr = frames[key] = _frame(z, r, cell, pbc, charge, mult, f"{self.path}:{str(key)[:12]}", where)

@@ -19,6 +19,10 @@ qm22        QM-22 xyz (energy line, gradient columns)       ``.xyz`` whose secon
 
 from __future__ import annotations
 
+import sqlite3
+import struct
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,11 @@ from polyfid.data.readers.label_store import read_label_store
 from polyfid.data.readers.npz import read_npz
 from polyfid.data.readers.pyseqm import read_pyseqm
 from polyfid.data.readers.qm22 import read_qm22
-from polyfid.errors import DataError
+from polyfid.errors import DataError, PolyfidError
+
+#: what numpy, zipfile, zlib, h5py, sqlite3 and ASE raise on malformed input (see `read`)
+INPUT_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, UnicodeError, zipfile.BadZipFile, zlib.error,
+                struct.error, sqlite3.DatabaseError)
 
 #: format name -> reader ``f(path, fidelity=None, **options) -> Dataset``
 READERS: dict[str, Callable[..., Dataset]] = {
@@ -69,6 +77,8 @@ def detect_format(path: str | Path) -> str:
     if path.is_dir():
         if (path / "Z.npy").is_file() and (path / "R.npy").is_file():
             return "pyseqm"
+        if path.suffix.lower() in _SUFFIXES:
+            raise DataError(f"{path}: a folder, expected a file ({_SUFFIXES[path.suffix.lower()]} format)")
         raise DataError(f"{path}: a folder, but not a PYSEQM folder (no Z.npy and R.npy); give a file")
     suffix = path.suffix.lower()
     if suffix in _SUFFIXES:
@@ -126,11 +136,24 @@ def read(
     if fmt not in READERS:
         raise DataError(f"{path}: unknown format {format!r}; known formats: {sorted(READERS)}")
     try:
-        return READERS[fmt](path, fidelity=fidelity, **options)
+        ds = READERS[fmt](path, fidelity=fidelity, **options)
+    except PolyfidError:
+        raise
     except TypeError as err:
         if "unexpected keyword argument" in str(err):
             raise DataError(f"{path}: option not understood by the {fmt!r} reader: {err}") from None
         raise
+    # The one boundary where library errors on malformed input are caught wholesale. Every reader
+    # turns what it anticipates into a DataError naming file, frame and key; what a library raises
+    # on bytes nobody anticipated (a damaged archive member, an unreadable page, a truncated
+    # stream) still says the file is unreadable, not that polyfid has a bug. Only the types that
+    # libraries raise for bad input are caught, with the original type named and chained for
+    # --debug; TypeError, AttributeError and the like are left alone: they signal bugs in polyfid.
+    except INPUT_ERRORS as err:
+        raise DataError(f"{path}: cannot read as {fmt!r} data ({type(err).__name__}: {err})") from err
+    if len(ds) == 0:
+        raise DataError(f"{path}: no frames (an empty file, or options that select none)")
+    return ds
 
 
 def load_dataset(spec: Mapping[str, Any]) -> Dataset:

@@ -28,19 +28,55 @@ from pathlib import Path
 import numpy as np
 
 from polyfid.data.frame import Dataset, Frame, Labels
+from polyfid.data.readers.npz import atomic_numbers_of, numeric
 from polyfid.data.units import energy_factor, force_factor, length_factor
 from polyfid.errors import DataError
 
+#: what h5py raises on a damaged file, an unreadable dataset or a dataset of a type numpy has no
+#: equivalent for (h5py raises TypeError there, and also for indexing a group like a dataset)
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)
 
-def _species_to_numbers(species: np.ndarray, where: str) -> np.ndarray:
+
+def _keys(grp) -> list[str]:
+    """The member names of `grp`, for messages (a damaged file may hold names that are not UTF-8)."""
+    try:
+        return sorted(k if isinstance(k, str) else repr(k) for k in grp.keys())
+    except H5_ERRORS as err:
+        return [f"<unreadable: {err}>"]
+
+
+def _read(grp, key: str, where: str) -> np.ndarray:
+    """Dataset `key` of group `grp` as an array; DataError naming `where` and `key` if it is
+    missing, a group, or cannot be read."""
+    import h5py
+
+    try:
+        obj = grp.get(key)
+        if obj is None:
+            raise DataError(f"{where}: no {key!r} dataset; the group has {_keys(grp)}")
+        if not isinstance(obj, h5py.Dataset):
+            raise DataError(f"{where}: {key!r} is a {type(obj).__name__.lower()}, expected a dataset (an array)")
+        return np.asarray(obj[()])
+    except DataError:
+        raise
+    except MemoryError:  # a damaged dataspace declaring a huge shape
+        raise DataError(f"{where}: cannot read {key!r}: it declares an array too large for memory "
+                        "(a damaged file?)") from None
+    except H5_ERRORS as err:
+        raise DataError(f"{where}: cannot read {key!r} ({type(err).__name__}: {err})") from err
+
+
+def _species_to_numbers(species: np.ndarray, where: str, key: str = "species") -> np.ndarray:
     from ase.data import atomic_numbers
 
     species = np.asarray(species).reshape(-1)
-    if species.dtype.kind in "iu":
-        return species.astype(np.int64)
+    if species.dtype.kind not in "SUO":
+        return atomic_numbers_of(species, where, key)
     out = []
     for s in species.tolist():
-        sym = s.decode() if isinstance(s, bytes) else str(s)
+        if not isinstance(s, (bytes, str)):
+            raise DataError(f"{where}: {key!r} holds {s!r}, expected element symbols or atomic numbers")
+        sym = s.decode(errors="replace") if isinstance(s, bytes) else s
         sym = sym.strip()
         if sym not in atomic_numbers:
             raise DataError(f"{where}: unknown element symbol {sym!r} in species")
@@ -88,6 +124,8 @@ def read_hdf5(
     import h5py
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, expected an HDF5 file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -109,33 +147,40 @@ def read_hdf5(
 
     try:
         h5 = h5py.File(path, "r")
-    except OSError as err:
+    except H5_ERRORS as err:
         raise DataError(f"{path}: cannot open as HDF5: {err}") from None
     frames: list[Frame] = []
     with h5:
         names: list[str] = []
-        if groups is None:
-            if coordinates_key in h5:
-                names.append("/")
-            h5.visititems(
-                lambda name, obj: names.append(name) if isinstance(obj, h5py.Group) and coordinates_key in obj else None
-            )
-        else:
-            for g in groups:
-                if g not in h5 or coordinates_key not in h5[g]:
-                    raise DataError(f"{path}: group {g!r} not found or holds no {coordinates_key!r}")
-            names = list(groups)
+        try:
+            if groups is None:
+                if coordinates_key in h5:
+                    names.append("/")
+                h5.visititems(
+                    lambda name, obj: names.append(name) if isinstance(obj, h5py.Group) and coordinates_key in obj
+                    else None
+                )
+            else:
+                for g in groups:
+                    if g not in h5 or not isinstance(h5[g], h5py.Group) or coordinates_key not in h5[g]:
+                        raise DataError(f"{path}: group {g!r} not found or holds no {coordinates_key!r}")
+                names = list(groups)
+        except DataError:
+            raise
+        except H5_ERRORS as err:
+            raise DataError(f"{path}: cannot list the groups, the file is damaged ({type(err).__name__}: {err})"
+                            ) from err
         if not names:
             raise DataError(f"{path}: no group holds a {coordinates_key!r} dataset; is this an ANI-style HDF5 file?")
 
         for gname in names:
-            grp = h5[gname]
             where = f"{path}: group {gname!r}"
-            keys = sorted(grp.keys())
-            if species_key not in grp:
-                raise DataError(f"{where}: no {species_key!r} dataset; the group has {keys}")
-            numbers = _species_to_numbers(grp[species_key][()], where)
-            coords = np.asarray(grp[coordinates_key][()], dtype=np.float64)
+            try:
+                grp = h5[gname]
+            except H5_ERRORS as err:
+                raise DataError(f"{where}: cannot open ({type(err).__name__}: {err})") from err
+            numbers = _species_to_numbers(_read(grp, species_key, where), where, species_key)
+            coords = numeric(_read(grp, coordinates_key, where), where, coordinates_key)
             n = numbers.shape[0]
             if coords.ndim == 2:
                 coords = coords[None]
@@ -147,8 +192,9 @@ def read_hdf5(
                 energies = forces = None
                 if e_key is not None:
                     if e_key not in grp:
-                        raise DataError(f"{where}: level {fid!r}: no energy dataset {e_key!r}; the group has {keys}")
-                    energies = np.asarray(grp[e_key][()], dtype=np.float64)
+                        raise DataError(f"{where}: level {fid!r}: no energy dataset {e_key!r}; the group has "
+                                        f"{_keys(grp)}")
+                    energies = numeric(_read(grp, e_key, where), where, e_key)
                     if energies.size != n_frames:
                         raise DataError(
                             f"{where}: {e_key!r} has shape {energies.shape}: {energies.size} energies for "
@@ -157,8 +203,9 @@ def read_hdf5(
                     energies = energies.reshape(n_frames) * e_fac
                 if f_key is not None and (f_key in grp or explicit):
                     if f_key not in grp:
-                        raise DataError(f"{where}: level {fid!r}: no forces dataset {f_key!r}; the group has {keys}")
-                    forces = np.asarray(grp[f_key][()], dtype=np.float64)
+                        raise DataError(f"{where}: level {fid!r}: no forces dataset {f_key!r}; the group has "
+                                        f"{_keys(grp)}")
+                    forces = numeric(_read(grp, f_key, where), where, f_key)
                     if forces.shape != (n_frames, n, 3):
                         raise DataError(f"{where}: {f_key!r} has shape {forces.shape}, expected ({n_frames}, {n}, 3)")
                     forces = forces * f_fac

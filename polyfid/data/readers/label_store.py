@@ -22,7 +22,7 @@ from polyfid.errors import DataError
 
 def fidelity_name(level: str) -> str:
     """The fidelity name of a label-store level (``mp2/cc-pvdz`` → ``mp2_cc-pvdz``)."""
-    return level.replace("/", "_")
+    return str(level).replace("/", "_")
 
 
 def read_label_store(path: str | Path, fidelity: str | Sequence[str] | None = None) -> Dataset:
@@ -32,6 +32,8 @@ def read_label_store(path: str | Path, fidelity: str | Sequence[str] | None = No
     from polyfid.label.store import LabelStore
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, expected a label store (an SQLite file)")
     try:
         with LabelStore(path, create=False) as st:
             present = list(st.counts())
@@ -45,8 +47,11 @@ def read_label_store(path: str | Path, fidelity: str | Sequence[str] | None = No
                     raise DataError(f"{path}: level(s) {missing} not in the label store; it holds {present}")
                 levels = [by_name[w] for w in wanted]
             ds = st.dataset(levels)
-    except sqlite3.DatabaseError as e:
-        raise DataError(f"{path}: not a polyfid label store ({e})") from None
+    except sqlite3.DatabaseError as e:  # a damaged file: the header read, a page did not
+        raise DataError(f"{path}: cannot read the label store, the file is damaged ({e})") from e
+    except UnicodeDecodeError as e:  # sqlite3 decodes TEXT values as UTF-8 when it fetches them
+        raise DataError(f"{path}: cannot read the label store: a text field is not UTF-8, the file is damaged "
+                        f"({e})") from e
     for lv in levels:
         if fidelity_name(lv) != lv:
             ds = ds.rename_fidelity(lv, fidelity_name(lv))

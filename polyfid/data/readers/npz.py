@@ -18,6 +18,9 @@ Everything is converted to eV and Å on reading.
 
 from __future__ import annotations
 
+import tokenize
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -47,11 +50,62 @@ def _unit(kind: str, unit: str, path: Path) -> float:
         raise DataError(f"{path}: {err}") from None
 
 
-def _str_entry(data: Mapping[str, np.ndarray], key: str) -> str | None:
+#: what numpy and zipfile raise on a damaged archive or member (bad CRC, bad deflate stream,
+#: truncated member, a pickled object array refused with allow_pickle=False, and a damaged .npy
+#: header, which numpy parses with tokenize and ast)
+LOAD_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, SyntaxError,
+               tokenize.TokenError)
+
+
+def _entry(data: Mapping[str, np.ndarray], key: str, path: Path) -> np.ndarray:
+    """Member `key` of the archive, decompressed and decoded; DataError naming file and key."""
+    try:
+        return np.asarray(data[key])  # zipfile checks the member's CRC as numpy reads it to the end
+    except MemoryError:  # a damaged .npy header declaring a huge shape
+        raise DataError(f"{path}: {key!r} cannot be read: its header declares an array too large for memory; "
+                        "the archive is damaged or the file too big") from None
+    except LOAD_ERRORS as err:
+        if "allow_pickle" in str(err):
+            raise DataError(f"{path}: {key!r} holds Python objects (a pickled object array), expected numbers; "
+                            "polyfid does not load pickles") from None
+        raise DataError(f"{path}: {key!r} cannot be read, the archive is damaged ({type(err).__name__}: {err})"
+                        ) from err
+
+
+def numeric(arr: np.ndarray, where: str, key: str) -> np.ndarray:
+    """`arr` as float64 if it holds real numbers (floats or integers); DataError naming `where` and
+    `key` for strings, objects, booleans, complex numbers, dates."""
+    if arr.dtype.kind not in "iuf":
+        raise DataError(f"{where}: {key!r} has dtype {arr.dtype}, expected real numbers (float)")
+    return arr.astype(np.float64, copy=False)
+
+
+def atomic_numbers_of(arr: np.ndarray, where: str, key: str) -> np.ndarray:
+    """`arr` as int64 atomic numbers if it holds whole numbers; DataError naming `where` and `key`."""
+    if arr.dtype.kind == "f" and np.all(np.abs(arr) < 1000) and np.all(arr == np.round(arr)):
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        whole = " with non-whole values" if arr.dtype.kind == "f" else ""
+        raise DataError(f"{where}: {key!r} has dtype {arr.dtype}{whole}, expected atomic numbers (integers)")
+    return arr.astype(np.int64)
+
+
+def _str_entry(data: Mapping[str, np.ndarray], key: str, path: Path) -> str | None:
     if key not in data:
         return None
-    val = np.asarray(data[key])
-    return str(val.item() if val.size == 1 else val)
+    val = _entry(data, key, path)
+    val = val.item() if val.size == 1 else val
+    return val.decode(errors="replace") if isinstance(val, bytes) else str(val)
+
+
+def select(frames: np.ndarray, index, path: Path) -> np.ndarray:
+    """``frames[index]`` as a 1-D array; DataError for an index that selects none of them."""
+    if index is None:
+        return frames
+    try:
+        return np.atleast_1d(frames[index])
+    except (IndexError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: index {index!r} does not select frames of its {len(frames)}: {err}") from None
 
 
 def read_npz(
@@ -85,11 +139,13 @@ def read_npz(
     and ``source = f"{path}:{frame index in the file}"``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, expected an .npz file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
         archive = np.load(path, allow_pickle=False)
-    except Exception as err:  # anything numpy cannot open is malformed input
+    except LOAD_ERRORS as err:
         raise DataError(f"{path}: cannot read as a numpy .npz archive: {err}") from None
     if not hasattr(archive, "files"):
         raise DataError(f"{path}: holds a single array, not an .npz archive of named arrays")
@@ -121,14 +177,14 @@ def read_npz(
             required = set(levels) if explicit else {next(iter(levels))}
 
         # units: explicit options > strings in the file > kcal/mol and Å
-        e_unit = energy_unit or _str_entry(data, "e_unit") or "kcal/mol"
-        r_unit = length_unit or _str_entry(data, "r_unit") or "angstrom"
+        e_unit = energy_unit or _str_entry(data, "e_unit", path) or "kcal/mol"
+        r_unit = length_unit or _str_entry(data, "r_unit", path) or "angstrom"
         e_fac = _unit("energy", e_unit, path)
         r_fac = _unit("length", r_unit, path)
         f_fac = _unit("force", force_unit, path) if force_unit else e_fac / r_fac
 
-        numbers = np.asarray(data[z_key]).astype(np.int64).reshape(-1)
-        coords = np.asarray(data[r_key], dtype=np.float64)
+        numbers = atomic_numbers_of(_entry(data, z_key, path), str(path), z_key).reshape(-1)
+        coords = numeric(_entry(data, r_key, path), str(path), r_key)
         n_atoms = numbers.shape[0]
         if coords.ndim == 2:
             coords = coords[None]
@@ -138,8 +194,7 @@ def read_npz(
                 f"for the {n_atoms} atoms in {z_key!r}"
             )
         n_frames = coords.shape[0]
-        sel = np.arange(n_frames)[index] if index is not None else np.arange(n_frames)
-        sel = np.atleast_1d(sel)
+        sel = select(np.arange(n_frames), index, path)
 
         table: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
         for name, (e_key, f_key) in levels.items():
@@ -153,7 +208,7 @@ def read_npz(
                         arrays.append(None)  # optional default level (e.g. no old_* keys)
                         continue
                     raise DataError(f"{path}: level {name!r}: {kind} key {key!r} not in the file; keys are {keys}")
-                arr = np.asarray(data[key], dtype=np.float64)
+                arr = numeric(_entry(data, key, path), str(path), key)
                 if kind == "energy":
                     if arr.size != n_frames:
                         raise DataError(

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from polyfid.data.frame import Dataset, Frame, Labels
+from polyfid.data.readers.npz import LOAD_ERRORS, atomic_numbers_of, numeric, select
 from polyfid.data.units import energy_factor, force_factor, length_factor
 from polyfid.errors import DataError
 
@@ -39,9 +40,16 @@ def _load(folder: Path, name: str) -> np.ndarray:
         have = sorted(p.name for p in folder.glob("*.npy"))
         raise DataError(f"{path}: file not found; the folder holds {have}")
     try:
-        return np.load(path, allow_pickle=False)
-    except Exception as err:  # anything numpy cannot open is malformed input
+        arr = np.load(path, allow_pickle=False)
+    except LOAD_ERRORS as err:
+        if "allow_pickle" in str(err):
+            raise DataError(f"{path}: holds Python objects (a pickled object array), expected numbers; polyfid "
+                            "does not load pickles") from None
         raise DataError(f"{path}: cannot read as a .npy array: {err}") from None
+    if not isinstance(arr, np.ndarray):  # np.load opens an .npz archive whatever the name
+        arr.close()
+        raise DataError(f"{path}: an .npz archive, expected a single .npy array")
+    return arr
 
 
 def read_pyseqm(
@@ -88,29 +96,32 @@ def read_pyseqm(
             raise DataError(f"{folder}: unknown level(s) {unknown}; this reader offers {sorted(levels)}")
         levels = {f: levels[f] for f in wanted}
 
-    Z = np.asarray(_load(folder, numbers_file))
-    R = np.asarray(_load(folder, positions_file), dtype=np.float64)
+    Z = atomic_numbers_of(_load(folder, numbers_file), str(folder / numbers_file), "Z")
+    R = numeric(_load(folder, positions_file), str(folder / positions_file), "R")
     if Z.ndim != 2 or R.shape != (*Z.shape, 3):
         raise DataError(
             f"{folder}: {positions_file} has shape {R.shape} and {numbers_file} {Z.shape}; expected (F, P, 3), (F, P)"
         )
     n_frames, n_pad = Z.shape
-    sel = np.atleast_1d(np.arange(n_frames)[index] if index is not None else np.arange(n_frames))
-    Z = Z[sel].astype(np.int64)
+    if np.any(Z < 0):
+        bad = int(np.argwhere(Z < 0)[0][0])
+        raise DataError(f"{folder / numbers_file}: frame {bad}: negative atomic number in {Z[bad].tolist()}")
+    sel = select(np.arange(n_frames), index, folder)
+    Z = Z[sel]
     R = R[sel] * r_fac
 
     table: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
     for name, (e_file, f_file) in levels.items():
         energies = forces = None
         if e_file is not None:
-            energies = np.asarray(_load(folder, e_file), dtype=np.float64)
+            energies = numeric(_load(folder, e_file), str(folder / e_file), "energies")
             if energies.size != n_frames:
                 raise DataError(
                     f"{folder / e_file}: shape {energies.shape}: {energies.size} energies for {n_frames} frames"
                 )
             energies = energies.reshape(n_frames)[sel] * e_fac
         if f_file is not None:
-            forces = np.asarray(_load(folder, f_file), dtype=np.float64)
+            forces = numeric(_load(folder, f_file), str(folder / f_file), "forces")
             if forces.shape != (n_frames, n_pad, 3):
                 raise DataError(f"{folder / f_file}: shape {forces.shape}, expected ({n_frames}, {n_pad}, 3)")
             forces = forces[sel] * f_fac
