@@ -14,22 +14,30 @@ from polyfid.demo.multifidelity import MultiFidelityDemoSettings, label_sets, ru
 def test_multifidelity_demo_runs_end_to_end_and_resumes(tmp_path, capsys) -> None:
     s = MultiFidelityDemoSettings(
         temperatures_K=[300.0, 800.0], pool_per_temperature=6, heldout_per_temperature=2, stride=3,
-        equilibration=5, n_high=5, high_level="hf/sto-3g", low_budget_s=3.0, finetune_budget_s=2.0,
+        equilibration=5, n_high=5, high_level="hf/sto-3g", low_steps=12, own_steps=6, batch_size=4,
         model={"n_features": 8, "n_sensitivities": 4, "cutoff": 4.0, "n_interactions": 1, "n_atom_layers": 1},
     )
     summary = run_demo(tmp_path, settings=s)
     work = tmp_path / "default"
     assert json.loads((work / "summary.json").read_text()) == json.loads(json.dumps(summary))  # the file holds it all
-    assert set(summary["test"]) == {"multi_fidelity", "energies_only", "xtb_network", "gfn2_xtb"}
+    assert set(summary["test"]) == {"multi_fidelity", "energies_only", "low_level_network", "low_level"}
+    # forces only where the energies have another zero: no figure that means nothing
+    for name in ("low_level_network", "low_level"):
+        assert all(v is None for k, v in summary["test"][name].items() if k.startswith("energy"))
+        assert summary["test"][name]["force_mae_meV_A"] > 0
+    # step budgets: each stage ran exactly its steps (the same table on any machine)
+    stages = summary["training"]["multi_fidelity"]["stages"]
+    assert {k: v["steps"] for k, v in stages.items()} == {"base": 12, "train": 6}
+    assert summary["training"]["energies_only"]["stages"]["train"]["steps"] == 18
     assert summary["labels"]["high_energies"]["n"] == 5 and summary["labels"]["heldout_high"]["n"] == 4
     for name in ("multi_fidelity", "energies_only"):
         t = summary["test"][name]
         assert t["n_forces"] == 4 and t["force_mae_meV_A"] > 0 and t["energy_mae_meV"] > 0
-    assert summary["training"]["multi_fidelity"]["stages"].keys() == {"base", "finetune"}
     for p in summary["plots"]:
         assert (work / p.split("/")[-1]).stat().st_size > 1000
     text = capsys.readouterr().out
-    assert "multi-fidelity (xTB forces + MP2 energies)" in text and "GFN2-xTB itself" in text
+    assert "multi-fidelity (GFN2-xTB forces + HF energies)" in text and "GFN2-xTB itself" in text
+    assert "Krylov" not in text and (work / "demo.log").exists()  # engine messages in the log
     # a rerun reuses the sampled structures and every label
     pool, held, generated = sample_sets(s, work)
     assert not generated and len(pool) == 12 and len(held) == 4

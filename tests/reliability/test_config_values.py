@@ -135,7 +135,8 @@ META_CASES = [
 DATA_CASES = [
     ({"min_distance": 0}, r"config\.data\.min_distance: must be > 0 \(Å\), got 0"),
     ({"min_distance": -0.1}, r"config\.data\.min_distance: must be > 0 \(Å\)"),
-    ({"max_extent": -5}, r"config\.data\.max_extent: must be > 0 \(Å\)"),
+    ({"max_extent": -5}, r"config\.data\.max_extent: must be in \(0, 20000\] \(Å\)"),
+    ({"max_extent": 1e5}, r"config\.data\.max_extent: must be in \(0, 20000\] \(Å\), got 100000"),
     ({"min_distance": 2.0, "max_extent": 1.0}, r"config\.data: min_distance \(2 Å\) must be below max_extent"),
     ({"val_size": 0}, r"config\.data\.val_size: must be >= 1 or null, got 0"),
     ({"train_size": 0}, r"config\.data\.train_size: must be >= 1 or null"),
@@ -315,9 +316,9 @@ def test_shipped_configurations_load(tmp_path, monkeypatch) -> None:
     load_config(xtb_ethanol.training_config(tmp_path / "a.xyz", tmp_path / "b.xyz", tmp_path, xtb_ethanol
                                             .demo_settings(quick=True)))
     mf = multifidelity.MultiFidelityDemoSettings()
-    load_config(multifidelity.training_config(mf, tmp_path, {"name": "single"}, 60.0))
-    load_config(multifidelity.training_config(mf, tmp_path, {"name": "transfer", "second_stage": {
-        "lr": 1e-4, "max_time_s": mf.finetune_budget_s}}, 60.0))
+    load_config(multifidelity.training_config(mf, tmp_path, {"name": "single"}, mf.steps))
+    load_config(multifidelity.training_config(mf, tmp_path, {"name": "multi-head", "second_stage": {
+        "max_steps": mf.own_steps}}, mf.low_steps))
     load_config({"training": NETWORK_TRAINING | {"num_threads": None}})
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import architectures

@@ -238,6 +238,6 @@ def test_repro_2_far_atoms_refused_not_sigfpe(what, far_work):
     proc = subprocess.run([sys.executable, str(far_work / "script.py"), what, str(far_work)], capture_output=True,
                           text=True, timeout=300, cwd=WORKTREE, env={"PYTHONPATH": str(WORKTREE), "PATH": "/usr/bin"})
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])  # never 136 / -8 (SIGFPE)
-    where = {"calculator": "the structure", "predict": "structure 3"}.get(what, "far.extxyz:3")
+    where = {"calculator": "the structure"}.get(what, "far.extxyz:3")  # predict reads through polyfid.read
     assert where in proc.stderr and "span 5e+05 Å along x" in proc.stderr, proc.stderr[-2000:]
     assert not (far_work / "run" / "model.pt").exists()
