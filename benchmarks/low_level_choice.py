@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'level':18s} {'F MAE':>8s} {'F RMSE':>8s} {'s/calc':>8s} {'cost/MP2':>9s}")
     for level, r in sorted(results.items(), key=lambda kv: kv[1]["force_mae_meV_A"]):
         print(f"{level:18s} {r['force_mae_meV_A']:8.1f} {r['force_rmse_meV_A']:8.1f} "
-              f"{r['seconds_per_calc_median']:8.2f} {r['cost_over_mp2']:9.3f}")
+              f"{r['seconds_per_calc_median']:8.3g} {r['cost_over_mp2']:9.3g}")
     print(f"{REFERENCE}: {ref_median:.2f} s per energy+forces calculation; wrote {args.out}")
     return 0
 

@@ -1,7 +1,7 @@
 """The multi-fidelity demo (``polyfid demo``): cheap forces for many structures plus expensive
 energies for a few give a far better high-level potential than the expensive energies alone.
 
-1. Sample: GFN2-xTB Langevin MD of ethanol at several temperatures (a training pool) and, from
+1. Sample: Langevin MD of ethanol with the low level (GFN1-xTB) at several temperatures (a training pool) and, from
    other seeds, a held-out set (:mod:`polyfid.sample`).
 2. Label, through the resumable store (:mod:`polyfid.label`): low-level energies and forces for
    the pool; MP2/cc-pVDZ energies (PySCF) for N pool structures picked by farthest-point
@@ -43,7 +43,7 @@ class MultiFidelityDemoSettings:
     stride: int = 10  # MD steps between samples
     equilibration: int = 200
     n_high: int = 100  # pool structures with high-level energies
-    low_level: str = "gfn2-xtb"
+    low_level: str = "gfn1-xtb"  # the smallest force gap to MP2 of the cheap levels: benchmarks/low_level_choice.py
     high_level: str = "mp2/cc-pvdz"
     low_steps: int = 6000  # multi-fidelity model: optimiser steps on the low level alone
     own_steps: int = 1000  # multi-fidelity model: then on every level
@@ -297,7 +297,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False,
         pool, held, generated = sample_sets(s, work)
     t_sample = time.perf_counter() - t0
     print(f"[1/4] {'sampled' if generated else 'reused'} {len(pool)} pool + {len(held)} held-out structures "
-          f"(GFN2-xTB Langevin MD at {', '.join(f'{t:g}' for t in s.temperatures_K)} K) in {t_sample:.0f} s",
+          f"({lo} Langevin MD at {', '.join(f'{t:g}' for t in s.temperatures_K)} K) in {t_sample:.0f} s",
           flush=True)
 
     print(f"[2/4] labels (store {work / 'labels.sqlite'}; {s.workers} worker processes)", flush=True)

@@ -36,7 +36,7 @@ def test_multifidelity_demo_runs_end_to_end_and_resumes(tmp_path, capsys) -> Non
     for p in summary["plots"]:
         assert (work / p.split("/")[-1]).stat().st_size > 1000
     text = capsys.readouterr().out
-    assert "multi-fidelity (GFN2-xTB forces + HF energies)" in text and "GFN2-xTB itself" in text
+    assert "multi-fidelity (GFN1-xTB forces + HF energies)" in text and "GFN1-xTB itself" in text
     assert "Krylov" not in text and (work / "demo.log").exists()  # engine messages in the log
     # a rerun reuses the sampled structures and every label
     pool, held, generated = sample_sets(s, work)
