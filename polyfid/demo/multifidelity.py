@@ -271,13 +271,22 @@ def format_table(results: dict[str, dict[str, Any]], s: MultiFidelityDemoSetting
     return "\n".join(lines)
 
 
+def in_order(ds, frames: list):
+    """The labelled frames of `ds` (a Dataset read from the store) whose structures are in
+    `frames`, in the order of `frames`, not of the store's rows, which is the order in which the
+    workers happened to finish: the batches, hence the trained models, must not depend on it."""
+    from polyfid.label import frame_key
+
+    by_key = {frame_key(f): f for f in ds}
+    return type(ds)([by_key[k] for k in dict.fromkeys(frame_key(f) for f in frames) if k in by_key])
+
+
 # ---- the whole demo ------------------------------------------------------------------------------
 def run_demo(out: str | Path = "runs/demo", quick: bool = False,
              settings: MultiFidelityDemoSettings | None = None) -> dict[str, Any]:
     """Sample, label, train both models, test; print the table and return the summary (also
     written to ``out/summary.json``). What the engines print goes to ``demo.log`` there."""
     from polyfid.data.readers.label_store import read_label_store
-    from polyfid.label import frame_key
     from polyfid.label.runner import engine_output
 
     t_start = time.perf_counter()
@@ -306,10 +315,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False,
     t_label = time.perf_counter() - t0
 
     ds = read_label_store(work / "labels.sqlite", [s.low_level, s.high_level])
-    pool_keys = {frame_key(f) for f in pool}
-    held_keys = {frame_key(f) for f in held}
-    train = type(ds)([f for f in ds if frame_key(f) in pool_keys])
-    test = type(ds)([f for f in ds if frame_key(f) in held_keys])
+    train, test = in_order(ds, pool), in_order(ds, held)
     high = fidelity_name(s.high_level)
     n_hi = train.count(high, "energy")
     print(f"[3/4] training side by side, {s.steps} optimiser steps each, 1 thread each: multi-fidelity "

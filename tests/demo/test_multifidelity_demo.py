@@ -8,7 +8,13 @@ import pytest
 
 pytest.importorskip("tblite.ase", reason="tblite (GFN2-xTB) is not installed: the demo needs it")
 
-from polyfid.demo.multifidelity import MultiFidelityDemoSettings, label_sets, run_demo, sample_sets  # noqa: E402
+from polyfid.demo.multifidelity import (  # noqa: E402
+    MultiFidelityDemoSettings,
+    in_order,
+    label_sets,
+    run_demo,
+    sample_sets,
+)
 
 
 def test_multifidelity_demo_runs_end_to_end_and_resumes(tmp_path, capsys) -> None:
@@ -43,3 +49,17 @@ def test_multifidelity_demo_runs_end_to_end_and_resumes(tmp_path, capsys) -> Non
     assert not generated and len(pool) == 12 and len(held) == 4
     again = label_sets(s, pool, held, work / "labels.sqlite")
     assert all(v["computed"] == 0 for k, v in again.items() if k != "high_indices")
+
+
+def test_the_training_set_follows_the_sampled_order_not_the_store_rows(tmp_path) -> None:
+    """Workers finish in any order, so the store's rows come in any order; the demo's training
+    and test sets follow the sampled files, so that the same seed gives the same models."""
+    from conftest import toy_dataset
+
+    from polyfid.data.frame import Dataset
+    from polyfid.label import frame_key
+
+    sampled = toy_dataset(8).frames
+    rows = Dataset([sampled[i] for i in (5, 2, 7, 0, 1, 6, 3)])  # frame 4 has no labels in the store
+    got = in_order(rows, sampled)
+    assert [frame_key(f) for f in got] == [frame_key(sampled[i]) for i in (0, 1, 2, 3, 5, 6, 7)]
