@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_structures": len(keys),
         "note": "energy+forces, one thread per calculation, medians of the store's per-calculation times",
         "levels": results,
+        "labelling_wall_s": wall,  # per level, this run (0-ish where the store already held them)
     }
     Path(args.out).write_text(json.dumps(doc, indent=2))
     print(f"{'level':18s} {'F MAE':>8s} {'F RMSE':>8s} {'s/calc':>8s} {'cost/MP2':>9s}")

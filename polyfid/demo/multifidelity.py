@@ -344,10 +344,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False,
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     mf = f_mae["multi_fidelity"]
+    def than(other: float) -> str:
+        return f"{other / mf:.2f}x smaller than" if other >= mf else f"{mf / other:.2f}x larger than"
+
     print(f"\n{s.high_level} force error of the multi-fidelity model: {mf:.0f} meV/Å; "
-          f"{f_mae['energies_only'] / mf:.1f}x smaller than the {n_hi} {hi} energies alone give, "
-          f"{f_mae['low_level'] / mf:.2f}x smaller than {lo} itself, "
-          f"{f_mae['low_level_network'] / mf:.2f}x smaller than the network trained on {lo} only")
+          f"{than(f_mae['energies_only'])} the {n_hi} {hi} energies alone give, {than(f_mae['low_level'])} {lo} "
+          f"itself, {than(f_mae['low_level_network'])} the network trained on {lo} only")
     print(f"plots: {', '.join(p.name for p in plots)}; summary: {work / 'summary.json'}; "
           f"total {summary['seconds']['total']:.0f} s")
     return summary
