@@ -19,6 +19,7 @@ from polyfid.analysis.metrics import predict_packed
 from polyfid.data.batch import PackedData
 from polyfid.data.frame import Dataset
 from polyfid.errors import DataError
+from polyfid.neighbors.checks import model_geometry
 
 _ARRAYS = ("coordinate", "e_model", "e_ref")
 
@@ -28,7 +29,7 @@ def predict_path(model: Any, frames: Dataset, fidelity: str | None = None, batch
     default head) at the frames, in their order. The frames' labels are not used."""
     h = model.head_index(fidelity)
     dtype = next(model.parameters()).dtype
-    packed = PackedData(frames, model.cutoff, list(model.fidelities), dtype=dtype)
+    packed = PackedData(frames, model.cutoff, list(model.fidelities), dtype=dtype, **model_geometry(model))
     pred = predict_packed(model, packed, batch_size=batch_size, forces=False)
     return np.asarray(pred["energy"], dtype=np.float64)[:, h]
 

@@ -27,15 +27,18 @@ def add_parser(sub) -> None:
 
 
 def run_summary(args) -> int:
-    from polyfid.data.merge import MERGE_TOLERANCE
     from polyfid.data.readers import read
     from polyfid.data.summary import format_summary, summarize
+    from polyfid.train.config import DataConfig, check_number, option_range
 
-    tol = MERGE_TOLERANCE if args.merge_tolerance is None else args.merge_tolerance
-    from polyfid.neighbors.checks import MAX_EXTENT, MIN_DISTANCE
-
+    # the same ranges as the data options these flags stand for
+    defaults = DataConfig()
+    tol = check_number(defaults.merge_tolerance if args.merge_tolerance is None else args.merge_tolerance,
+                       "--merge-tolerance", option_range(DataConfig, "merge_tolerance"))
+    min_d, max_e = (check_number(getattr(defaults, k) if v is None else v, f"--{k.replace('_', '-')}",
+                                 option_range(DataConfig, k))
+                    for k, v in (("min_distance", args.min_distance), ("max_extent", args.max_extent)))
     data = read(args.path, format=args.format, fidelity=args.fidelity, merge_tolerance=tol)
-    summary = summarize(data, MIN_DISTANCE if args.min_distance is None else args.min_distance,
-                        MAX_EXTENT if args.max_extent is None else args.max_extent)
+    summary = summarize(data, min_d, max_e)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0

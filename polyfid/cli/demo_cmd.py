@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
         "farthest-point subset with MP2/cc-pVDZ energies (PySCF), a held-out set with MP2 energies and forces; "
         "train the multi-fidelity model and an MP2-energies-only model for the same number of optimiser steps and "
         "compare them, GFN1-xTB itself and the network trained on GFN1-xTB only on the held-out set. About 4 "
-        "minutes on 2 cores; --quick about 1.5. Engine messages go to demo.log. --single-level runs the earlier "
+        "minutes on 2 cores; --quick under one. Engine messages go to demo.log. --single-level runs the earlier "
         "demo (GFN2-xTB data, one HIP-NN, MD with it).",
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")

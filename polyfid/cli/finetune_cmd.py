@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from polyfid.errors import ConfigError
+from polyfid.errors import ConfigError, DataError
 
 
 def add_parser(sub) -> None:
@@ -62,9 +62,9 @@ def _replay(specs: list[str], args):
 
     parts = []
     for spec in specs:
-        path, level = (spec, "") if Path(spec).exists() else spec.rpartition("=")[::2]
-        if not Path(path).exists():
-            raise FileNotFoundError(f"--replay {spec}: no file {path!r}")
+        path, level = (spec, "") if spec and Path(spec).exists() else spec.rpartition("=")[::2]
+        if not path or not Path(path).exists():  # "" would be the current folder
+            raise DataError(f"--replay {spec}: no file {path!r}; expected FILE or FILE=LEVEL")
         ds = read(path, format=args.format)
         if len(ds.fidelities) == 1 and (level or ds.fidelities[0] == "default"):
             ds.rename_fidelity(ds.fidelities[0], level or Path(path).stem)

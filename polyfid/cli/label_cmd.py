@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from polyfid.cli.args import int_in
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -26,12 +28,12 @@ def add_parser(sub) -> None:
     p.add_argument("--charge", type=int, help="charge of every structure (default: each file's, else 0)")
     p.add_argument("--multiplicity", type=int,
                    help="spin multiplicity of every structure (default: each file's, else 1)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--threads", type=int, default=1, help="OpenMP threads per worker (default 1)")
+    p.add_argument("--workers", type=int_in(1), default=1, help="worker processes (default 1)")
+    p.add_argument("--threads", type=int_in(1), default=1, help="OpenMP threads per worker (default 1)")
     p.add_argument("--dask", metavar="ADDRESS",
                    help="run on a Dask cluster: a scheduler address (tcp://host:8786) or 'local' for a local "
                    "cluster of --workers processes")
-    p.add_argument("--sample", type=int, default=2,
+    p.add_argument("--sample", type=int_in(0, 10_000), default=2,
                    help="structures timed for the cost estimate before the run (0: no estimate; default 2)")
     p.add_argument("--estimate-only", action="store_true", help="print the cost estimate and stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -43,11 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error(e: BaseException) -> bool:
-    # a path the user named that is missing, a folder or unreadable: OSError carries the file name
-    return isinstance(e, PolyfidError) or (
-        isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError))
-        and e.filename is not None
-    )
+    # an OSError with a file name is about the user's files or machine (missing, a folder,
+    # unreadable, disk full, read-only file system), not about polyfid's code
+    return isinstance(e, PolyfidError) or (isinstance(e, OSError) and e.filename is not None)
 
 
 def main(argv: list[str] | None = None) -> int:

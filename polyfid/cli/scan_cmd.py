@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from polyfid.cli.args import number_at_least
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("scan", help="smoothness of a model along ordered scan paths (normal mode, stretch, torsion) "
@@ -17,7 +19,8 @@ def add_parser(sub) -> None:
                    "the model's default level)")
     p.add_argument("--reference", help="label set of the path files to compare with: the name given to the labels "
                    "of single-level files, the level chosen in multi-level ones (default: the only one)")
-    p.add_argument("--tolerance-meV", type=float, default=1.0, help="wiggles up to this size are no extrema (meV)")
+    p.add_argument("--tolerance-meV", type=number_at_least(0.0), default=1.0,
+                   help="wiggles up to this size are no extrema (meV)")
     p.add_argument("--plot", help="PNG of energies and errors along the scan (several paths: _STEM added per path)")
     p.add_argument("--json", help="write the reports (no arrays) to this JSON file, keyed by path stem")
     p.set_defaults(func=run)

@@ -53,36 +53,66 @@ def _set_threads(n: int) -> None:
         pass
 
 
+_ENGINE_OUTPUT = threading.Lock()
+_engine_output_state: dict = {"depth": 0, "saved": None}
+
+
 @contextlib.contextmanager
 def engine_output(log: str | Path | None) -> Iterator[None]:
     """Send what the engines print (PySCF's and tblite's warnings, Python warnings: file
     descriptors 1 and 2) to the end of `log` while the block runs; None: leave it where it goes.
-    For worker processes: in a process that shows a progress bar on stderr it would hide the bar."""
-    try:  # a worker on another host (Dask) may not see the folder: then the output stays there
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log is not None else None
-    except OSError:
-        fd = None
-    if fd is None:
+    For worker processes: in a process that shows a progress bar on stderr it would hide the bar.
+
+    The descriptors belong to the whole process: blocks that overlap in threads (a Dask worker
+    with several threads) share the first one's redirection, undone when the last one ends."""
+    if log is None:
         yield
         return
+    st = _engine_output_state
+    with _ENGINE_OUTPUT:
+        if st["depth"] == 0:
+            st["saved"] = _redirect(log)
+        st["depth"] += 1
+    try:
+        yield
+    finally:
+        with _ENGINE_OUTPUT:
+            st["depth"] -= 1
+            if st["depth"] == 0:
+                _restore(st.pop("saved"))
+
+
+def _redirect(log: str | Path) -> tuple | None:
+    """Point descriptors 1, 2 and sys.stdout/stderr at `log`; what _restore needs, or None when
+    the log cannot be opened (a worker on another host (Dask) may not see the folder: the
+    output then stays where it goes)."""
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        return None
     sys.stdout.flush()
     sys.stderr.flush()
     saved, streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
     # Python-level writers too: sys.stdout may not be file descriptor 1 (a notebook, pytest)
-    text = open(os.dup(fd), "a", buffering=1)  # noqa: SIM115 (closed below)
-    try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        sys.stdout = sys.stderr = text
-        yield
-    finally:
-        text.flush()
-        sys.stdout, sys.stderr = streams
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        text.close()
-        for f in (fd, *saved):
-            os.close(f)
+    text = open(os.dup(fd), "a", buffering=1)  # noqa: SIM115 (closed by _restore)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = sys.stderr = text
+    return saved, streams, text
+
+
+def _restore(state: tuple | None) -> None:
+    if state is None:
+        return
+    saved, streams, text = state
+    text.flush()
+    sys.stdout, sys.stderr = streams
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
+    text.close()
+    for f in saved:
+        os.close(f)
 
 
 def log_beside(store: str | Path) -> Path:

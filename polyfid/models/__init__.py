@@ -231,7 +231,7 @@ def atomic_write(obj: Any, path: str | Path, durable: bool = True) -> None:
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # inside the block: the lock is held until the file has its name
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

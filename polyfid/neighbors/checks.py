@@ -38,11 +38,33 @@ def _atom(k: int, numbers: np.ndarray | None) -> str:
     return f"atom {k} ({chemical_symbols[z] if 0 < z < len(chemical_symbols) else z})"
 
 
+def completed_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """The cell (3, 3) Å with each open direction's row (often left zero by ASE: graphene, a
+    nanotube) replaced by a unit vector orthogonal to the periodic rows: a basis of space whose
+    periodic rows are the lattice vectors."""
+    pbc = np.asarray(pbc, dtype=bool)
+    if pbc.all():
+        return cell
+    full = cell.copy()
+    per = cell[pbc]
+    # the right-singular vectors beyond the periodic rows' rank span their orthogonal complement
+    _, _, vt = np.linalg.svd(per if len(per) else np.zeros((1, 3)))
+    full[~pbc] = vt[len(per):][: int((~pbc).sum())]
+    return full
+
+
+def periodic_measure(cell: np.ndarray, pbc: np.ndarray) -> float:
+    """Length (1 periodic direction, Å), area (2, Å²) or volume (3, Å³) the periodic lattice
+    vectors span: sqrt of the Gram determinant of cell[pbc]. Zero when they are dependent."""
+    per = np.asarray(cell, dtype=np.float64)[np.asarray(pbc, dtype=bool)]
+    return float(np.sqrt(max(np.linalg.det(per @ per.T), 0.0)))
+
+
 def wrap(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions (N, 3) Å wrapped into the cell (3, 3) Å along the periodic directions, and the
     integer cell offsets (N, 3) taken off: positions = wrapped + offsets @ cell. What is left
     of a frame's span is its width along the open directions, which is what vesin grids."""
-    frac = np.linalg.solve(cell.T, positions.T).T  # rows of cell are lattice vectors
+    frac = np.linalg.solve(completed_cell(cell, pbc).T, positions.T).T  # rows of cell are lattice vectors
     offsets = np.where(np.asarray(pbc, dtype=bool), np.floor(frac), 0.0)
     return positions - offsets @ cell, offsets.astype(np.int64)
 
@@ -57,8 +79,9 @@ def check_before(
 ) -> np.ndarray | None:
     """Refuse, before any neighbour list is built, a frame vesin would crash on or that no
     potential should see: non-finite positions (N, 3) Å; for periodic frames a non-finite or
-    singular cell (3, 3) Å (|det| < 1e-6 Å³); atoms spanning more than `max_extent` Å (capped at
-    SAFE_EXTENT) along x, y or z (for periodic frames, after wrapping the periodic directions).
+    singular cell (3, 3) Å (its periodic lattice vectors spanning less than 1e-6 Å, Å² or Å³);
+    atoms spanning more than `max_extent` Å (capped at SAFE_EXTENT) along x, y or z (for periodic
+    frames, after wrapping the periodic directions).
 
     Returns None, or for a periodic frame whose atoms lie far outside its cell (an unwrapped MD
     trajectory) the cell offsets (N, 3) of `wrap`: the neighbour list is then built on the
@@ -79,10 +102,14 @@ def check_before(
         cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
         if not np.all(np.isfinite(cell)):
             raise GeometryError(f"{where}: the cell contains NaN or inf: {cell.tolist()}")
-        det = abs(float(np.linalg.det(cell)))
-        if det < MIN_CELL_VOLUME:
-            raise GeometryError(f"{where}: the periodic cell is singular (volume {det:.3g} Å³): its lattice "
-                                f"vectors {cell.tolist()} do not span space")
+        # only the periodic lattice vectors must be independent: an open direction's row may be
+        # zero (ASE's graphene, nanotubes, slabs without vacuum)
+        n_per = int(np.count_nonzero(pbc))
+        measure = periodic_measure(cell, pbc)
+        if measure < MIN_CELL_VOLUME:
+            what = {1: "length", 2: "area", 3: "volume"}[n_per]
+            raise GeometryError(f"{where}: the periodic cell is singular ({what} {measure:.3g} Å^{n_per} spanned by "
+                                f"the periodic lattice vectors of {cell.tolist()}, pbc {np.asarray(pbc).tolist()})")
     if positions.shape[0] == 0:
         return None
     span = positions.max(0) - positions.min(0)
@@ -112,8 +139,8 @@ def check_before(
 def pair_distances(positions: np.ndarray, i: np.ndarray, j: np.ndarray, shifts: np.ndarray,
                    cell: np.ndarray | None = None) -> np.ndarray:
     """Distances (P,) Å of pairs i, j (P,) with integer cell shifts (P, 3) of positions (N, 3) Å
-    in cell (3, 3) Å (None: open). numpy, not vesin's own: asking vesin for them costs more in
-    its Python wrapper than this (measured on rMD17 ethanol)."""
+    in cell (3, 3) Å (None: open). numpy, for many small frames at once (PackedData): there
+    asking vesin for each frame's distances costs more in its Python wrapper than this."""
     d = positions[j] - positions[i]
     if cell is not None and shifts.any():
         d += shifts @ cell

@@ -221,7 +221,7 @@ class TrainingConfig:
         0.99, "exponential moving average of weights used for evaluation (null: off)", gt=0, lt=1)
     dtype: Literal["float32", "float64"] = opt("float32", "floating point precision")
     seed: int = opt(0, "seed of weight initialisation and batch order", ge=0, lt=SEED_END)
-    num_threads: int | None = opt(None, "torch CPU threads (null: torch's default)", ge=1)
+    num_threads: int | None = opt(None, "torch CPU threads (null: torch's default)", ge=1, le=1024)
     flush_denormal: bool = opt(
         True, "flush subnormal floats (below 1.2e-38 in float32) to zero while training: on x86 CPUs they take a "
         "slow path that made training steps of a trained rMD17 aspirin HIP-HOP-NN 1.3-1.5x slower on an Intel Xeon "

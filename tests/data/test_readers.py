@@ -12,6 +12,7 @@ import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.units import Bohr, GPa, Hartree, kcal, mol
+from conftest import toy_molecules
 
 from polyfid.data import DataError, Dataset, Frame, Labels, load_dataset, read, split_indices
 from polyfid.data.readers import READERS, detect_format
@@ -540,3 +541,19 @@ def test_summary():
     assert s["fidelities"]["b"]["force_rms"] is None
     text = format_summary(s)
     assert "tiny" in text and "\nb " in text
+
+
+@pytest.mark.parametrize("suffix, opener", [(".gz", "gzip"), (".bz2", "bz2"), (".xz", "lzma")])
+def test_compressed_extxyz_reads_as_ase_reads_it(tmp_path, suffix, opener) -> None:
+    """ASE reads .xyz.gz, .bz2 and .xz; so does polyfid, frame checks included."""
+    import importlib
+
+    plain = tmp_path / "w.extxyz"
+    ase.io.write(plain, toy_molecules(3), format="extxyz")
+    packed = tmp_path / f"w.xyz{suffix}"
+    with importlib.import_module(opener).open(packed, "wb") as fh:
+        fh.write(plain.read_bytes())
+    a, b = read(plain), read(packed)
+    assert len(b) == 3
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.positions, y.positions)

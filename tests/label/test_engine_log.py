@@ -31,3 +31,26 @@ def test_an_unwritable_log_leaves_the_output_where_it_was(tmp_path, capfd) -> No
         print("still shown")
     assert capfd.readouterr().out == "still shown\n"
     assert log_beside(tmp_path / "labels.sqlite") == tmp_path / "labels.log"
+
+
+def test_blocks_overlapping_in_threads_restore_the_output(tmp_path, capfd) -> None:
+    """A Dask worker runs several calculations in threads of one process: the redirection is
+    shared and undone when the last block ends, and stdout/stderr work afterwards."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    inside = threading.Barrier(2)
+
+    def job(k: int) -> None:
+        with engine_output(tmp_path / "labels.log"):
+            inside.wait(timeout=10)  # both blocks open at once
+            os.write(2, f"engine {k}\n".encode())
+            inside.wait(timeout=10)
+
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(job, range(2)))
+    print("after", file=sys.stderr)
+    os.write(2, b"fd after\n")
+    err = capfd.readouterr().err
+    assert "after" in err and "fd after" in err and "engine" not in err
+    assert sorted((tmp_path / "labels.log").read_text().split("\n")[:2]) == ["engine 0", "engine 1"]

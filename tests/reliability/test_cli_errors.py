@@ -40,6 +40,7 @@ USER_ERRORS = [
     errors.LabellingAborted("a labelling worker died while computing w.xyz:3"),
     FileNotFoundError(2, "No such file or directory", "missing.xyz"),
     IsADirectoryError(21, "Is a directory", "folder.xyz"),
+    OSError(28, "No space left on device", "runs/x/checkpoint.pt"),
 ]
 
 
@@ -106,3 +107,25 @@ def test_a_missing_config_file_is_a_user_error(tmp_path, capsys) -> None:
     assert cli.main(["train", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
     assert "nope.yaml" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["label", "x.xyz", "--level", "gfn2-xtb", "--workers", "0"], "--workers: must be in [1, 1024], got 0"),
+    (["label", "x.xyz", "--level", "gfn2-xtb", "--threads", "-1"], "--threads: must be in [1, 1024], got -1"),
+    (["label", "x.xyz", "--level", "gfn2-xtb", "--sample", "-2"], "--sample: must be in [0, 10000], got -2"),
+    (["scan", "m.pt", "p.xyz", "--tolerance-meV", "-1"], "--tolerance-meV: must be a finite number >= 0"),
+    (["scan", "m.pt", "p.xyz", "--tolerance-meV", "nan"], "--tolerance-meV: must be a finite number >= 0"),
+])
+def test_numeric_flags_out_of_range_stop_at_parsing(capsys, argv, words) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
+def test_a_missing_replay_file_is_a_user_error(tmp_path, toy_xyz, capsys) -> None:
+    for spec in ("nothere.xyz=lj", "nothere.xyz", "=lj"):
+        assert cli.main(["finetune", str(tmp_path / "m.pt"), str(toy_xyz), "--replay", spec]) == 2
+        err = capsys.readouterr().err
+        assert f"--replay {spec}: no file" in err and "Traceback" not in err

@@ -65,7 +65,8 @@ TRAINING_CASES = [
     ({"energy_weight": 0, "force_weight": 0}, r"config\.training: energy_weight, force_weight and stress_weight"),
     ({"max_time_s": -10}, r"config\.training\.max_time_s: must be > 0 \(s\) or null, got -10"),
     ({"max_time_s": INF}, r"config\.training\.max_time_s: expected a finite number"),
-    ({"num_threads": 0}, r"config\.training\.num_threads: must be >= 1 or null, got 0"),
+    ({"num_threads": 0}, r"config\.training\.num_threads: must be in \[1, 1024\] or null, got 0"),
+    ({"num_threads": 100000}, r"config\.training\.num_threads: must be in \[1, 1024\] or null, got 100000"),
     ({"batch_size": 0}, r"config\.training\.batch_size: must be >= 1, got 0"),
     ({"lr": 0}, r"config\.training\.lr: must be > 0, got 0"),
     ({"lr": NAN}, r"config\.training\.lr: expected a finite number, got nan"),
@@ -255,7 +256,7 @@ def test_finetune_options_are_checked(tmp_path, capsys) -> None:
     for argv, message in ((["--lr", "-1"], "--lr: must be > 0, got -1"),
                           (["--steps", "0"], "--steps: must be >= 1, got 0"),
                           (["--warmup-steps", "-5"], "--warmup-steps: must be >= 0"),
-                          (["--threads", "0"], "--threads: must be >= 1 or null, got 0"),
+                          (["--threads", "0"], "--threads: must be in [1, 1024] or null, got 0"),
                           (["--max-time-s", "0"], "--max-time-s: must be > 0 (s) or null"),
                           (["--replay-share", "2"], "--replay-share: must be in (0, 1)")):
         assert main(["finetune", str(tmp_path / "missing.pt"), str(tmp_path / "missing.xyz"), *argv]) == 2

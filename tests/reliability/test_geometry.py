@@ -20,6 +20,8 @@ import pytest
 import torch
 import yaml
 from ase import Atoms
+from ase.build import fcc111, graphene, nanotube
+from ase.neighborlist import neighbor_list
 from conftest import SHARED_DATA, tiny_config, toy_dataset, toy_molecules
 
 from polyfid.calculators.ase import PolyfidCalculator
@@ -55,9 +57,11 @@ BAD = {
     "5e5 extent": (_Z, _moved(2, [5e5, 0, 0]), None, None, ["span 5e+05 Å along x", "max_extent", "atom 2 (H)"]),
     "1e4 extent": (_Z, _moved(1, [0, 0, -1e4]), None, None, ["along z", "max_extent = 1000"]),
     "singular cell": (_Z, _WATER, np.diag([10.0, 10.0, 0.0]), _PBC, ["singular", "volume 0"]),
+    "zero periodic vector": (_Z, _WATER, np.diag([10.0, 0.0, 0.0]), np.array([False, True, False]),
+                             ["singular", "length 0"]),
     "NaN cell": (_Z, _WATER, np.full((3, 3), np.nan), _PBC, ["cell contains NaN"]),
-    "flat cell, one periodic axis": (_Z, _WATER, np.array([[5.0, 0, 0], [10.0, 0, 0], [0, 0, 3.0]]),
-                                     np.array([True, False, False]), ["singular"]),
+    "flat cell, two periodic axes": (_Z, _WATER, np.array([[5.0, 0, 0], [10.0, 0, 0], [0, 0, 3.0]]),
+                                     np.array([True, True, False]), ["singular", "area 0"]),
     "slab, atom far off the open axis": (_Z, _moved(2, [0, 0, 5e5]), _CUBE, np.array([True, True, False]),
                                          ["along z", "periodic directions wrapped"]),
     "image closer than min_distance": (np.array([1]), np.zeros((1, 3)), np.eye(3) * 0.08, _PBC,
@@ -107,6 +111,32 @@ def test_far_periodic_atoms_give_the_same_pairs():
     ref = [neighbor_pairs(p, 4.0, _CUBE, _PBC) for p in (pos, far)]
     d = [np.sort(np.linalg.norm(p[j] - p[i] + s @ _CUBE, axis=1)) for p, (i, j, s) in zip((pos, far), ref)]
     np.testing.assert_allclose(d[0], d[1], atol=1e-6)
+
+
+PARTLY_PERIODIC = {  # ASE leaves the open directions' cell rows zero
+    "graphene": lambda: graphene(vacuum=None),
+    "nanotube": lambda: nanotube(3, 3, length=2),
+    "slab without vacuum": lambda: fcc111("Al", (2, 2, 3)),
+    "slab, far out along a periodic axis": lambda: _shifted(fcc111("Al", (2, 2, 3)), [3e5, 0.0, 0.0]),
+}
+
+
+def _shifted(atoms: Atoms, by: list[float]) -> Atoms:
+    atoms.positions[0] += by
+    return atoms
+
+
+@pytest.mark.parametrize("case", list(PARTLY_PERIODIC))
+def test_partly_periodic_structures_pass_with_ase_pairs(case):
+    """One or two periodic directions, the other cell rows zero: accepted, and the pairs are
+    those of ASE's neighbour list."""
+    atoms = PARTLY_PERIODIC[case]()
+    assert not atoms.pbc.all() and np.linalg.det(atoms.cell.array) == 0
+    i, j, s = neighbor_pairs(atoms.positions, 3.0, atoms.cell.array, atoms.pbc, numbers=atoms.numbers)
+    d = np.linalg.norm(atoms.positions[j] - atoms.positions[i] + s @ atoms.cell.array, axis=1)
+    ai, aj, ad = neighbor_list("ijd", atoms, 3.0)
+    assert len(i) == len(ai)
+    np.testing.assert_allclose(np.sort(d), np.sort(ad), atol=1e-6)
 
 
 @pytest.fixture(scope="module")

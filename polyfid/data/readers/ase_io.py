@@ -158,6 +158,15 @@ def _ase_format(path: Path, ase_format: str | None) -> str:
     return fmt
 
 
+def _open_text(path: Path):
+    """The file as UTF-8 text, decompressed as ASE would (.gz, .bz2, .xz)."""
+    import io
+
+    from ase.io.formats import open_with_compression
+
+    return io.TextIOWrapper(open_with_compression(str(path), "rb"), encoding="utf-8")
+
+
 def _scan_xyz(path: Path) -> int:
     """Number of frames of an (extended) XYZ file, walking the frame headers as ASE does (atom count,
     comment line, that many atom lines, up to three ``VEC`` lines), so that a damaged frame is named
@@ -168,7 +177,7 @@ def _scan_xyz(path: Path) -> int:
     line_no = 0
     count_inside: int | None = None
     try:
-        with open(path, encoding="utf-8") as fh:
+        with _open_text(path) as fh:
             lines = iter(fh)
             n_vec = 0
             for line in lines:

@@ -1,0 +1,41 @@
+"""argparse types for numeric flags: a value out of range ends the command at parsing, with
+argparse's usage line and exit 2, before anything is read or computed."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+#: most threads or processes a flag takes (torch.set_num_threads(100000) crashes the process)
+MAX_THREADS = 1024
+
+
+def int_in(lo: int, hi: int = MAX_THREADS) -> Callable[[str], int]:
+    """A whole number in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message
+    return parse
+
+
+def number_at_least(lo: float) -> Callable[[str], float]:
+    """A finite number >= lo."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < lo:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {lo:g}, got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
