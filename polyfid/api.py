@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from ase import Atoms
 
 from polyfid.analysis.metrics import error_metrics
 from polyfid.data.batch import PackedData
-from polyfid.data.frame import Dataset
+from polyfid.data.frame import Dataset, Frame
 from polyfid.data.readers import read
 from polyfid.errors import DataError
 from polyfid.models import load_model
@@ -93,13 +94,13 @@ def predict(
     min_distance, wider than its max_extent, non-finite positions, a singular cell)."""
     model = _as_model(model)
     head = model.head_index(fidelity)
+    if isinstance(structures, (Atoms, Frame)):  # one structure: a list of one (iterating Atoms gives atoms)
+        structures = [structures]
     if isinstance(structures, (str, Path)):
         data = read(structures)
     elif isinstance(structures, Dataset):
         data = structures
     else:
-        from polyfid.data.frame import Frame
-
         frames = []
         for k, s in enumerate(structures):
             if isinstance(s, Frame):

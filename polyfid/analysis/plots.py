@@ -11,11 +11,37 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from polyfid.errors import ConfigError  # noqa: E402
+
+
+def figure_formats() -> list[str]:
+    """File suffixes (no dot) matplotlib can write a figure as: png, pdf, svg, ..."""
+    from matplotlib.figure import Figure
+
+    return sorted(Figure().canvas.get_supported_filetypes())
+
+
+def check_figure_path(path: str | Path, flag: str | None = None) -> Path:
+    """`path` as a Path if matplotlib can write a figure with its suffix (none: PNG); else a
+    ConfigError naming `flag` (if given), the path and the formats there are."""
+    path = Path(path)
+    suffix = path.suffix.lower().removeprefix(".")
+    if suffix and suffix not in figure_formats():
+        where = f"{flag} {path}" if flag else str(path)
+        raise ConfigError(f"{where}: cannot save a figure as '.{suffix}'; use one of "
+                          + ", ".join(f".{s}" for s in figure_formats()))
+    return path
+
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Lay out `fig`, write it as PNG at `path` (folders made) and close it; returns the path."""
+    """Lay out `fig`, write it at `path` (format from the suffix, PNG without one; folders made)
+    and close it; returns the path. An unsupported suffix is a ConfigError."""
+    try:
+        path = check_figure_path(path)
+    except ConfigError:
+        plt.close(fig)
+        raise
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

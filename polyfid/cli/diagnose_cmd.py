@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 
+from polyfid.cli.args import int_at_least, int_in, number_in, positive_number
+
+#: largest seed scikit-learn's splitters take (numpy's legacy RandomState)
+MAX_SEED = 2**32 - 1
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -19,11 +24,12 @@ def add_parser(sub) -> None:
     p.add_argument("--example", choices=["diabetes", "xtb-molecules"], help="a shipped example instead of a table")
     p.add_argument("--out", help="report folder (default: runs/diagnose/<name>)")
     p.add_argument("--quick", action="store_true", help="one repeat, three training sizes, smaller grids")
-    p.add_argument("--repeats", type=int, help="repeats of the 5-fold cross-validation (default 3; quick 1)")
-    p.add_argument("--min-gain", type=float, default=0.10,
-                   help="relative error reduction a nonlinear model must show (default 0.10)")
-    p.add_argument("--jobs", type=int, default=1, help="parallel fits (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int_at_least(1),
+                   help="repeats of the 5-fold cross-validation (default 3; quick 1)")
+    p.add_argument("--min-gain", type=number_in(0.0, 1.0), default=0.10,
+                   help="relative error reduction a nonlinear model must show, 0..1 (default 0.10)")
+    p.add_argument("--jobs", type=int_in(1), default=1, help="parallel fits (default 1)")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     g = p.add_argument_group(
         "potentials", "--potential TRAIN --test TEST: linear and multilinear ridge on moment-tensor invariants and a "
@@ -32,27 +38,29 @@ def add_parser(sub) -> None:
     g.add_argument("--test", metavar="TEST", help="test file with energies and forces")
     g.add_argument("--fidelity", help="label set to use (default: the training file's first)")
     g.add_argument("--format", help="reader of both files (default: detected)")
-    g.add_argument("--sizes", type=int, nargs="+",
+    g.add_argument("--sizes", type=int_at_least(1), nargs="+",
                    help="training-set sizes (default 50 100 250 500 950; --quick: 50 200)")
-    g.add_argument("--budget-s", type=float, help="training time of each network at each size (default 90; quick 20)")
-    g.add_argument("--val-size", type=int, default=50, help="validation frames split off the training file (50)")
+    g.add_argument("--budget-s", type=positive_number(),
+                   help="training time of each network at each size (default 90; quick 20)")
+    g.add_argument("--val-size", type=int_at_least(1), default=50,
+                   help="validation frames split off the training file (50)")
     g.add_argument("--networks", nargs="+", choices=["hipnn", "hiphop"], default=["hipnn"],
                    help="networks to train (default hipnn)")
     g.add_argument("--no-feature-model", action="store_true", help="skip the ridge on HIP-NN's atom features")
     g.add_argument("--select", help="frames of the training file to use, a slice such as 0:300")
     g.add_argument("--test-select", help="frames of the test file to use (default all; --quick: 0:200)")
     g.add_argument("--radial", choices=["bessel", "gaussian"], default="bessel", help="radial basis (bessel)")
-    g.add_argument("--n-radial", type=int, default=8, help="radial functions (8)")
-    g.add_argument("--cutoff", type=float, default=5.0, help="descriptor cutoff, Å (5)")
+    g.add_argument("--n-radial", type=int_at_least(1), default=8, help="radial functions (8)")
+    g.add_argument("--cutoff", type=positive_number(), default=5.0, help="descriptor cutoff, Å (5)")
     g.add_argument("--element-channels", choices=["single", "blind", "pairs"], default="pairs",
                    help="neighbour-element channel blocks (pairs)")
-    g.add_argument("--components", type=int, default=20,
+    g.add_argument("--components", type=int_at_least(0), default=20,
                    help="principal components per element whose pairwise products the multilinear model adds (20)")
     g.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                    help="network model option, e.g. --model-set n_features=64 (repeatable)")
     g.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                    help="network training option, e.g. --train-set lr=2e-3 (repeatable)")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--threads", type=int_in(1), help="torch CPU threads")
     p.set_defaults(func=run)
 
 
@@ -115,6 +123,20 @@ def _print(d, report, as_json: bool, formula: str | None = None) -> int:
     return 0
 
 
+def _check_features(target: str, features: list[str] | None) -> None:
+    """ConfigError if --features names the target (y = 1*y) or a column twice."""
+    from polyfid.errors import ConfigError
+
+    if not features:
+        return
+    if target in features:
+        raise ConfigError(f"--features: {target!r} is the --target; the target cannot be one of the features "
+                          "(leave it out)")
+    twice = sorted({f for f in features if features.count(f) > 1})
+    if twice:
+        raise ConfigError(f"--features: {', '.join(map(repr, twice))} given more than once")
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -129,6 +151,7 @@ def run(args) -> int:
     else:
         if not args.table or not args.target:
             raise DataError("give TABLE.csv and --target COLUMN, or --example NAME")
+        _check_features(args.target, args.features)
         X, y, names = read_table(args.table, args.target, args.features)
         target, unit, label = args.target, "", Path(args.table).stem
     d = diagnose(X, y, names, target=target, quick=args.quick, n_repeats=args.repeats, min_gain=args.min_gain,

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                    "files); once for all files or once per file (several files: unnamed labels take the file stem)")
     p.add_argument("--as", dest="as_fidelity", help="model fidelity the data's labels correspond to")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--parity", help="save a parity plot to this PNG")
+    p.add_argument("--parity", help="save a parity plot to this file (PNG, or PDF, SVG, ... by its suffix)")
     p.set_defaults(func=run)
 
 
@@ -40,6 +40,10 @@ def run(args) -> int:
     from polyfid.api import evaluate
     from polyfid.data.readers import read
 
+    if args.parity:
+        from polyfid.analysis.plots import check_figure_path
+
+        check_figure_path(args.parity, "--parity")
     data = read(args.data, format=args.format, fidelity=args.fidelity)
     mapping = None
     if args.as_fidelity:

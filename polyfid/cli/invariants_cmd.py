@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from polyfid.cli.args import int_at_least, int_in, number_in
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -16,11 +18,13 @@ def add_parser(sub) -> None:
         "degenerate points (tensors zero, tetrahedral, linear, trigonal environments) with the extra "
         "invariants that restore the rank there.",
     )
-    p.add_argument("--l-max", type=int, default=3, help="highest tensor order L, 0..3 (default 3)")
-    p.add_argument("--max-tensors", type=int, default=4, help="most factors per invariant N, 1..6 (default 4)")
-    p.add_argument("--points", type=int, default=2, help="random points a decision must hold at (default 2)")
-    p.add_argument("--tol", type=float, default=1e-8, help="relative tolerance of the numerical rank (default 1e-8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--l-max", type=int_in(0, 3), default=3, help="highest tensor order L, 0..3 (default 3)")
+    p.add_argument("--max-tensors", type=int_in(1, 6), default=4, help="most factors per invariant N, 1..6 (default 4)")
+    p.add_argument("--points", type=int_at_least(1), default=2,
+                   help="random points a decision must hold at, 1 or more (default 2)")
+    p.add_argument("--tol", type=number_in(0.0, 1.0, open_low=True), default=1e-8,
+                   help="relative tolerance of the numerical rank, > 0 and <= 1 (default 1e-8)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
     p.add_argument("--check", nargs="+", metavar="INV",
                    help='rank of your own set, in index notation, e.g. "v_a v_a" "v_a Q_ab v_b"')
     p.add_argument("--no-degenerate", action="store_true", help="skip the degenerate-point analysis")

@@ -15,13 +15,20 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     import ase.io
     from ase import Atoms
     from ase.calculators.singlepoint import SinglePointCalculator
 
     from polyfid.api import predict
     from polyfid.data.readers import read
+    from polyfid.errors import ConfigError
 
+    out, src = Path(args.output), Path(args.structures)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():  # predictions over the reference labels
+        raise ConfigError(f"-o {args.output}: that is the input file; writing there would replace its labels with "
+                          "predictions: choose another output file")
     # every format polyfid reads, through its readers: damaged input is a DataError, not a traceback
     data = read(args.structures, format=args.format)
     preds = predict(args.model, data, fidelity=args.fidelity)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from polyfid.cli.args import int_at_least, number_at_least, positive_number
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -15,22 +17,25 @@ def add_parser(sub) -> None:
     )
     p.add_argument("sources", nargs="+", help="structure files, ASE molecule names or SMILES strings")
     p.add_argument("-o", "--out", required=True, help="extxyz file for all sampled structures")
-    p.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 600.0, 1000.0],
+    p.add_argument("--temperatures", type=positive_number(), nargs="+", default=[300.0, 600.0, 1000.0],
                    help="temperatures in K (default 300 600 1000)")
-    p.add_argument("--md-frames", type=int, default=100, help="MD frames per temperature and structure (default 100)")
-    p.add_argument("--stride", type=int, default=10, help="MD steps between saved frames (default 10)")
-    p.add_argument("--equilibration", type=int, default=200, help="MD steps before the first frame (default 200)")
-    p.add_argument("--timestep", type=float, default=0.5, help="MD time step in fs (default 0.5)")
-    p.add_argument("--normal-modes", type=int, default=0,
+    p.add_argument("--md-frames", type=int_at_least(0), default=100,
+                   help="MD frames per temperature and structure (default 100)")
+    p.add_argument("--stride", type=int_at_least(1), default=10, help="MD steps between saved frames (default 10)")
+    p.add_argument("--equilibration", type=int_at_least(0), default=200,
+                   help="MD steps before the first frame (default 200)")
+    p.add_argument("--timestep", type=positive_number(), default=0.5, help="MD time step in fs (default 0.5)")
+    p.add_argument("--normal-modes", type=int_at_least(0), default=0,
                    help="normal-mode displaced structures per temperature and structure (default 0)")
     p.add_argument("--method", default="gfn2-xtb", choices=["gfn1-xtb", "gfn2-xtb"], help="sampling level")
     p.add_argument("--charge", type=int, help="charge of every starting structure (default: from the file, else 0)")
-    p.add_argument("--multiplicity", type=int, help="spin multiplicity (default: from the file, else 1)")
-    p.add_argument("--dedup", type=float, default=1e-3,
-                   help="RMS inverse-distance difference (1/Å) below which structures are duplicates (default 1e-3)")
-    p.add_argument("--select", type=int, help="also pick this many by farthest-point sampling")
+    p.add_argument("--multiplicity", type=int_at_least(1), help="spin multiplicity (default: from the file, else 1)")
+    p.add_argument("--dedup", type=number_at_least(0.0), default=1e-3,
+                   help="RMS inverse-distance difference (1/Å) below which structures are duplicates; 0 keeps all "
+                   "(default 1e-3)")
+    p.add_argument("--select", type=int_at_least(1), help="also pick this many by farthest-point sampling")
     p.add_argument("--selected-out", help="file for the selected subset (default: OUT with _selected)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
     p.set_defaults(func=run)
 
 

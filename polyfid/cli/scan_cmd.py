@@ -38,6 +38,10 @@ def run(args) -> int:
     from polyfid.errors import DataError
     from polyfid.models import load_model
 
+    if args.plot:
+        from polyfid.analysis.plots import check_figure_path
+
+        check_figure_path(args.plot, "--plot")
     model = load_model(args.model)
     fid = args.fidelity or (args.reference if args.reference in model.fidelities else None)
     head = model.fidelities[model.head_index(fid)]

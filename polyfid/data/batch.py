@@ -16,7 +16,15 @@ import torch
 from polyfid.data.frame import Dataset
 from polyfid.errors import DataError
 from polyfid.neighbors import neighbor_pairs
-from polyfid.neighbors.checks import MAX_EXTENT, MIN_DISTANCE, SAFE_EXTENT, check_pairs, pair_distances
+from polyfid.neighbors.checks import (
+    FAR,
+    MAX_EXTENT,
+    MIN_DISTANCE,
+    SAFE_EXTENT,
+    check_pairs,
+    pair_distances,
+    recentred,
+)
 
 
 @dataclass
@@ -141,6 +149,12 @@ class PackedData:
         self.numbers = torch.from_numpy(np.concatenate([f.numbers for f in frames]))
         self._check_distances(frames, positions, np.concatenate(pi), np.concatenate(pj), np.concatenate(ps),
                               min_distance)
+        far = np.flatnonzero(np.abs(positions).max(1) > FAR)
+        if len(far):  # frames far from the origin, moved near it before float32 rounds them away
+            positions = positions.copy()
+            for b in np.unique(np.searchsorted(starts, far, side="right") - 1):
+                f, sl = frames[b], slice(starts[b], starts[b] + n_atoms[b])
+                positions[sl] = recentred(positions[sl], f.cell, f.pbc)
         self.positions = torch.from_numpy(positions).to(dtype)
         self.pair_i = torch.from_numpy(np.concatenate(pi))
         self.pair_j = torch.from_numpy(np.concatenate(pj))
@@ -287,6 +301,7 @@ def single_frame_batch(
     Raises GeometryError naming `where` and the atoms for a frame that fails the geometry
     checks (`polyfid.neighbors.neighbor_pairs`: `min_distance`, `max_extent` in Å)."""
     n = len(numbers)
+    cell_in = cell
     ijs = neighbor_pairs(positions, cutoff, cell, pbc, numbers=np.asarray(numbers), where=where,
                          min_distance=min_distance, max_extent=max_extent)
     i, j, s, rank, kmax = sorted_pairs(*ijs, n)
@@ -303,7 +318,8 @@ def single_frame_batch(
     empty, nomask, empty_stress = _empty_labels(dtype)
     return Batch(
         numbers=torch.from_numpy(np.asarray(numbers, dtype=np.int64)),
-        positions=torch.from_numpy(np.array(positions, dtype=np_dtype)),
+        positions=torch.from_numpy(np.array(recentred(np.asarray(positions, dtype=np.float64), cell_in, pbc),
+                                             dtype=np_dtype)),
         frame=torch.zeros(n, dtype=torch.int64),
         n_atoms=torch.tensor([n]),
         pair_i=torch.from_numpy(i),

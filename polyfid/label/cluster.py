@@ -29,8 +29,20 @@ def _dask_client(address: str, workers: int, threads_per_worker: int):
                           env=env) as cluster, Client(cluster) as client:
             yield client
     else:
-        with Client(address) as client:
+        with _connect(Client, address) as client:
             yield client
+
+
+def _connect(client_class, address: str):
+    """A Dask client of the scheduler at `address`; ConfigError naming --dask and the address when
+    the address is malformed or no scheduler answers there (within distributed's connect timeout)."""
+    try:
+        return client_class(address)
+    except (OSError, ValueError, TypeError) as e:
+        why = "a malformed scheduler address" if isinstance(e, (ValueError, TypeError)) else \
+            "cannot reach the Dask scheduler"
+        raise ConfigError(f"--dask {address}: {why} ({type(e).__name__}: {e}); give a running scheduler's "
+                          "address (tcp://host:8786) or 'local'") from None
 
 
 @contextlib.contextmanager

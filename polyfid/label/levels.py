@@ -8,6 +8,8 @@ forces in eV/Å.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +64,31 @@ def parse_level(text: str) -> Level:
         except (KeyError, ValueError) as e:
             raise LevelError(f"level {text!r}: {method!r} is neither hf/mp2/ccsd/ccsd(t) nor a functional "
                              f"PySCF knows ({e})") from None
+    why = _basis_problem(basis)
+    if why:
+        raise LevelError(f"level {text!r}: basis {basis!r} {why}")
     return Level(name, "pyscf", method, basis)
+
+
+@functools.cache
+def _basis_problem(basis: str) -> str | None:
+    """Why PySCF cannot use the basis set `basis` (None: it can), found by building a hydrogen
+    atom with it (milliseconds; cached). A basis PySCF knows that has no hydrogen passes."""
+    from pyscf import gto
+    from pyscf.lib.exceptions import BasisNotFoundError
+
+    try:
+        with warnings.catch_warnings():  # "Basis may be available in basis-set-exchange"
+            warnings.simplefilter("ignore")
+            gto.M(atom="H 0 0 0", basis=basis, spin=1, verbose=0)
+    except BasisNotFoundError as e:
+        if "not found for H" in str(e):  # a basis PySCF has, without hydrogen
+            return None
+        return ("is not a basis set PySCF knows (e.g. sto-3g, 6-31g*, cc-pvdz, aug-cc-pvtz, def2-svp, "
+                f"def2-tzvp; {str(e).splitlines()[0]})")
+    except Exception as e:  # a malformed name PySCF's basis parser cannot read
+        return f"cannot be read by PySCF ({type(e).__name__}: {e})"
+    return None
 
 
 def compute(

@@ -136,6 +136,25 @@ def check_before(
         f"{pos[hi, ax]:.6g} Å; a fragment flown off or a corrupt frame? drop the frame or raise data.max_extent")
 
 
+#: Å; frames farther than this from the origin are moved near it before positions become
+#: float32 (whose spacing there is 6e-5 Å; at 1e7 Å it is 1 Å, and forces come out wrong or NaN)
+FAR = 1e3
+
+
+def recentred(positions: np.ndarray, cell: np.ndarray | None = None, pbc: np.ndarray | None = None) -> np.ndarray:
+    """Positions (N, 3) Å of one frame moved near the origin by a symmetry of the frame, if any
+    lies farther than FAR: an open frame by its centroid, a periodic one by whole lattice vectors
+    (its energy and forces, and its pair list, unchanged). Otherwise the positions as given, so
+    that ordinary data is untouched to the last bit."""
+    if positions.size == 0 or float(np.abs(positions).max()) <= FAR:
+        return positions
+    centre = positions.mean(0, keepdims=True)
+    if pbc is None or not np.any(pbc):
+        return positions - centre
+    _, offsets = wrap(centre, np.asarray(cell, dtype=np.float64), np.asarray(pbc, dtype=bool))
+    return positions - offsets @ np.asarray(cell, dtype=np.float64)
+
+
 def pair_distances(positions: np.ndarray, i: np.ndarray, j: np.ndarray, shifts: np.ndarray,
                    cell: np.ndarray | None = None) -> np.ndarray:
     """Distances (P,) Å of pairs i, j (P,) with integer cell shifts (P, 3) of positions (N, 3) Å

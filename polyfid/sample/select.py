@@ -3,7 +3,8 @@
 Structures are compared through a rotation-, translation- and permutation-invariant
 descriptor: for each pair of elements (Z_i ≤ Z_j), the inverse distances 1/r (1/Å) of all such
 atom pairs, sorted; blocks are zero-padded to the longest over the set, so structures of
-different composition compare too. Selection is greedy farthest-point sampling in that space
+different composition compare too (a single atom has no distances: its descriptor is empty,
+and single atoms are all alike). Selection is greedy farthest-point sampling in that space
 (each pick maximises its distance to those already picked), which spreads expensive labels
 over the sampled configurations instead of the densest region of an MD trajectory.
 """
@@ -47,6 +48,8 @@ def deduplicate(structures: Sequence, tolerance: float = 1e-3) -> list[int]:
     """Indices of the structures kept, in order: a structure whose descriptor lies within
     `tolerance` (RMS over the descriptor, 1/Å) of an earlier kept one is dropped."""
     x = inverse_distance_descriptor(structures)
+    if x.shape[1] == 0:  # single atoms only: no distances, every structure is the same
+        x = np.zeros((len(x), 1))
     kept: list[int] = []
     for n in range(len(x)):
         if kept:

@@ -502,8 +502,13 @@ def load_config(source: str | Path | dict) -> Config:
     path = Path(source)
     if not path.exists():
         raise ConfigError(f"configuration file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"configuration file {path} is not a file")
     try:
-        d = yaml.safe_load(path.read_text())
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); expected a YAML configuration") \
+            from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     try:

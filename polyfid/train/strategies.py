@@ -240,10 +240,11 @@ def fit_strategy(
     out.mkdir(parents=True, exist_ok=True)
     sc, tc = cfg.strategy, cfg.training
     name, target, base = resolve_levels(sc, train_ds)
-    unknown = set(tc.sampling) - set(train_ds.fidelities)
-    if unknown:
-        raise ConfigError(f"training.sampling names fidelities {sorted(unknown)} absent from the training data "
-                          f"({train_ds.fidelities})")
+    for option in ("sampling", "fidelity_weights"):  # a misspelt level would silently weigh nothing
+        unknown = set(getattr(tc, option)) - set(train_ds.fidelities)
+        if unknown:
+            raise ConfigError(f"training.{option} names fidelities {sorted(unknown)} absent from the training data "
+                              f"({train_ds.fidelities})")
     species = _species(train_ds, val_ds)
     model_cfg = asdict(cfg.model)
     torch.manual_seed(tc.seed)

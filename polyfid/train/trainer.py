@@ -23,7 +23,7 @@ import torch
 
 from polyfid.analysis.metrics import error_metrics
 from polyfid.data.batch import PackedData
-from polyfid.errors import TrainingDiverged
+from polyfid.errors import ConfigError, TrainingDiverged
 from polyfid.models import atomic_write, checkpoint_error, model_dict, read_checkpoint
 from polyfid.models.potential import Potential
 from polyfid.numerics import flush_denormals, resolve_device
@@ -354,6 +354,9 @@ class Trainer:
     def checkpoint_dict(self) -> dict[str, Any]:
         s = self.state
         return {
+            # what the weights mean: a resumed run must have the same (checked in load_checkpoint)
+            "species": list(getattr(self.model, "species", [])),
+            "fidelities": list(getattr(self.model, "fidelities", [])),
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
@@ -385,6 +388,13 @@ class Trainer:
         ck = read_checkpoint(path, self.device)  # ModelFileError for a damaged one: never silently start over
         if ck is None:
             return False
+        for key in ("species", "fidelities"):  # absent from checkpoints of earlier versions
+            have = list(getattr(self.model, key, []))
+            if key in ck and list(ck[key]) != have:
+                raise ConfigError(
+                    f"--resume: {path} was written for {key} {list(ck[key])}, and this run's data give {have}: its "
+                    f"weights would stand for other {'elements' if key == 'species' else 'levels'}. Resume with the "
+                    "configuration that wrote it, or train into another output.dir")
         try:
             self.model.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
