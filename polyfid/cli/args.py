@@ -11,64 +11,41 @@ from collections.abc import Callable
 MAX_THREADS = 1024
 
 
-def int_in(lo: int, hi: int = MAX_THREADS) -> Callable[[str], int]:
-    """A whole number in [lo, hi]."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {value}")
-        return value
-
-    parse.__name__ = "int"  # argparse names the type in its message
-    return parse
-
-
-def number_at_least(lo: float) -> Callable[[str], float]:
-    """A finite number >= lo."""
+def _flag_type(integer: bool, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """A parser of a whole (`integer`) or finite number for which `ok` holds; `rule` says
+    which, in the message."""
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = int(text) if integer else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < lo:
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {lo:g}, got {text}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if integer else 'a number'}, got {text!r}") from None
+        if not (integer or math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value if integer else text}")
         return value
 
-    parse.__name__ = "float"
+    parse.__name__ = "int" if integer else "float"  # argparse names the type in its message
     return parse
+
+
+def int_in(lo: int, hi: int = MAX_THREADS) -> Callable[[str], int]:
+    """A whole number in [lo, hi]."""
+    return _flag_type(True, lambda v: lo <= v <= hi, f"in [{lo}, {hi}]")
 
 
 def int_at_least(lo: int) -> Callable[[str], int]:
     """A whole number >= lo, with no upper bound (frames, steps, samples)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {lo}, got {value}")
-        return value
+    return _flag_type(True, lambda v: v >= lo, f"a whole number >= {lo}")
 
-    parse.__name__ = "int"
-    return parse
+
+def number_at_least(lo: float) -> Callable[[str], float]:
+    """A finite number >= lo."""
+    return _flag_type(False, lambda v: v >= lo, f"a finite number >= {lo:g}")
 
 
 def number_above(lo: float) -> Callable[[str], float]:
     """A finite number > lo (strictly): a temperature, a time step, a tolerance that must not be 0."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value <= lo:
-            raise argparse.ArgumentTypeError(f"must be a finite number > {lo:g}, got {text}")
-        return value
-
-    parse.__name__ = "float"
-    return parse
+    return _flag_type(False, lambda v: v > lo, f"a finite number > {lo:g}")
 
 
 def positive_number() -> Callable[[str], float]:
@@ -79,15 +56,4 @@ def positive_number() -> Callable[[str], float]:
 def number_in(lo: float, hi: float, open_low: bool = False) -> Callable[[str], float]:
     """A finite number in [lo, hi] (with `open_low`: in (lo, hi], lo itself refused)."""
     interval = f"{'(' if open_low else '['}{lo:g}, {hi:g}]"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or not lo <= value <= hi or (open_low and value == lo):
-            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text}")
-        return value
-
-    parse.__name__ = "float"
-    return parse
+    return _flag_type(False, lambda v: (lo < v if open_low else lo <= v) and v <= hi, f"a number in {interval}")
