@@ -25,6 +25,10 @@ import torch
 
 from polyfid.errors import ConfigError
 
+#: most torch threads or worker processes an option takes (torch.set_num_threads(100000) crashes
+#: the process)
+MAX_THREADS = 1024
+
 
 def resolve_device(device: str | torch.device | None, where: str = "device") -> torch.device:
     """`device` (cpu, cuda, cuda:N, mps; None: cpu) as a torch.device this machine has, else a

@@ -7,8 +7,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-#: most threads or processes a flag takes (torch.set_num_threads(100000) crashes the process)
-MAX_THREADS = 1024
+from polyfid.numerics import MAX_THREADS
 
 
 def _flag_type(integer: bool, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from ase.units import Bohr, Hartree
 
-from polyfid.errors import CalculationFailed, LevelError  # noqa: F401  (re-exported)
+from polyfid.errors import CalculationFailed, LevelError
 
 XTB_METHODS = {"gfn1-xtb": "GFN1-xTB", "gfn2-xtb": "GFN2-xTB"}
 WAVEFUNCTION_METHODS = ("hf", "mp2", "ccsd", "ccsd(t)")

@@ -79,7 +79,8 @@ def engine_output(log: str | Path | None) -> Iterator[None]:
         with _ENGINE_OUTPUT:
             st["depth"] -= 1
             if st["depth"] == 0:
-                _restore(st.pop("saved"))
+                _restore(st["saved"])
+                st["saved"] = None
 
 
 def _redirect(log: str | Path) -> tuple | None:

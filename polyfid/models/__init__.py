@@ -126,6 +126,12 @@ def _names(names: list[str], n: int = 6) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def nonfinite_weights(obj: Any) -> list[str]:
+    """Names of the non-finite weight tensors of a model description or a checkpoint (see
+    `_weights`): what atomic_write refuses to write."""
+    return nonfinite(_weights(obj))
+
+
 def _weights(obj: Any) -> dict[str, Any]:
     """The weight tensors of a model description (every network of a Δ model) or of a
     checkpoint ("model" and the EMA's shadow weights), by name; {} for anything else."""
@@ -216,7 +222,7 @@ def atomic_write(obj: Any, path: str | Path, durable: bool = True) -> None:
     not against a power cut; training checkpoints use it to keep epochs cheap."""
     path = Path(path)
     if isinstance(obj, dict):
-        bad = nonfinite(_weights(obj))
+        bad = nonfinite_weights(obj)
         if bad:
             raise ModelFileError(f"refusing to write non-finite weights ({_names(bad)}) to {path}")
         obj = {k: v for k, v in obj.items() if k != "checksum"}

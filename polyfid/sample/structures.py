@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polyfid.errors import SourceError  # noqa: F401  (re-exported)
+from polyfid.errors import SourceError
 
 
 def from_smiles(smiles: str, seed: int = 0):

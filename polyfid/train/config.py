@@ -17,7 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from polyfid.data.merge import MERGE_TOLERANCE
 from polyfid.errors import ConfigError, DataError
+from polyfid.neighbors.checks import MAX_EXTENT, MIN_DISTANCE, SAFE_EXTENT
+from polyfid.numerics import MAX_THREADS
 
 #: torch and numpy take seeds in [0, 2^64)
 SEED_END = 2**64
@@ -132,17 +135,17 @@ class DataConfig:
     train_size: int | None = opt(None, "use only this many training frames (after the validation split)", ge=1)
     seed: int = opt(0, "seed of the train/validation split", ge=0, lt=SEED_END)
     merge_tolerance: float | None = opt(
-        1e-6, "Å; when a list holds two or more data sets, frames of the same geometry (same atoms in the same "
-        "order, same cell, pbc, charge and multiplicity, every position within this) are merged into one frame "
-        "carrying every file's label sets, within train, validation and test each, before the validation split; "
+        MERGE_TOLERANCE, "Å; when a list holds two or more data sets, frames of the same geometry (same atoms in "
+        "the same order, same cell, pbc, charge and multiplicity, every position within this) are merged into one "
+        "frame carrying every file's label sets, within train, validation and test each, before the validation split; "
         "null: no merging", ge=0, unit="Å")
     min_distance: float = opt(
-        0.1, "Å; frames with two atoms closer than this are refused (a DataError naming the file, frame and atoms): "
-        "coincident atoms turn every weight of a network into NaN", gt=0, unit="Å")
+        MIN_DISTANCE, "Å; frames with two atoms closer than this are refused (a DataError naming the file, frame "
+        "and atoms): coincident atoms turn every weight of a network into NaN", gt=0, unit="Å")
     max_extent: float = opt(
-        1000.0, "Å; frames whose atoms span more than this along x, y or z (periodic directions wrapped into the "
+        MAX_EXTENT, "Å; frames whose atoms span more than this along x, y or z (periodic directions wrapped into the "
         "cell first) are refused (a fragment flown off in MD); neighbour lists over such a box fail, and above "
-        "2e4 Å crash", gt=0, le=2e4, unit="Å")
+        f"{SAFE_EXTENT:g} Å crash", gt=0, le=SAFE_EXTENT, unit="Å")
 
 
 @dataclass
@@ -221,7 +224,7 @@ class TrainingConfig:
         0.99, "exponential moving average of weights used for evaluation (null: off)", gt=0, lt=1)
     dtype: Literal["float32", "float64"] = opt("float32", "floating point precision")
     seed: int = opt(0, "seed of weight initialisation and batch order", ge=0, lt=SEED_END)
-    num_threads: int | None = opt(None, "torch CPU threads (null: torch's default)", ge=1, le=1024)
+    num_threads: int | None = opt(None, "torch CPU threads (null: torch's default)", ge=1, le=MAX_THREADS)
     flush_denormal: bool = opt(
         True, "flush subnormal floats (below 1.2e-38 in float32) to zero while training: on x86 CPUs they take a "
         "slow path that made training steps of a trained rMD17 aspirin HIP-HOP-NN 1.3-1.5x slower on an Intel Xeon "

@@ -219,7 +219,7 @@ class ReptileTrainer:
     def save_checkpoint(self) -> None:
         d = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
              "state": asdict(self.state)}
-        require_finite(d["model"], str(self.out / CHECKPOINT), self.state.step)
+        require_finite(d, str(self.out / CHECKPOINT), self.state.step)
         if self._opt is not None and self.mc.inner_state == "keep":
             d["optimizer"] = self._opt.state_dict()
         atomic_write(d, self.out / CHECKPOINT, durable=False)
@@ -245,7 +245,7 @@ class ReptileTrainer:
 
     def save_best_model(self) -> None:
         d = model_dict(self.model, self.model_config, self.metadata | {"outer_step": self.state.step})
-        require_finite(d["state_dict"], str(self.out / BEST_MODEL), self.state.step)
+        require_finite(d, str(self.out / BEST_MODEL), self.state.step)
         atomic_write(d, self.out / BEST_MODEL)
 
     def _write_history(self) -> None:

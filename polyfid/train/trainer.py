@@ -24,7 +24,7 @@ import torch
 from polyfid.analysis.metrics import error_metrics
 from polyfid.data.batch import PackedData
 from polyfid.errors import ConfigError, TrainingDiverged
-from polyfid.models import atomic_write, checkpoint_error, model_dict, read_checkpoint
+from polyfid.models import atomic_write, checkpoint_error, model_dict, nonfinite_weights, read_checkpoint
 from polyfid.models.potential import Potential
 from polyfid.numerics import flush_denormals, resolve_device
 from polyfid.train.config import TrainingConfig
@@ -88,10 +88,9 @@ def clip_and_check(
     ``optimizer.step`` could spread it into the weights. The message names the 0-based optimiser
     `step`, the batch's `frames` (sources; the first few), the learning rate and the options to
     change. One device sync, which the loss logging after the step costs anyway."""
-    grads = [p.grad for p in params if p.grad is not None]
     if grad_clip:
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # the norm before clipping
-    elif grads:
+    elif grads := [p.grad for p in params if p.grad is not None]:
         norm = torch.nn.utils.get_total_norm(grads)
     else:
         norm = loss.new_zeros(())
@@ -109,21 +108,15 @@ def clip_and_check(
         "too close together (raise data.min_distance) or wrong labels")
 
 
-def require_finite(tensors: dict[str, Any], what: str, step: int) -> None:
-    """Raise TrainingDiverged if any floating tensor in `tensors` (a state dict, possibly nested)
-    is not finite: no model file or checkpoint is written with non-finite weights."""
-    def walk(v: Any, key: str) -> None:
-        if isinstance(v, torch.Tensor):
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise TrainingDiverged(f"training diverged by step {step}: {what} would hold non-finite weights "
-                                       f"({key}); it is not written. Lower training.lr or set training.grad_clip")
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                walk(x, f"{key}.{k}" if key else str(k))
-        elif isinstance(v, (list, tuple)):
-            for k, x in enumerate(v):
-                walk(x, f"{key}[{k}]")
-    walk(tensors, "")
+def require_finite(d: dict[str, Any], what: str, step: int) -> None:
+    """Raise TrainingDiverged, naming the step and the options, if the model description or
+    checkpoint `d` holds non-finite weights (`polyfid.models.nonfinite_weights`, which
+    atomic_write also refuses, with a ModelFileError that knows nothing of training)."""
+    bad = nonfinite_weights(d)
+    if bad:
+        raise TrainingDiverged(f"training diverged by step {step}: {what} would hold non-finite weights "
+                               f"({', '.join(bad[:6])}); it is not written. Lower training.lr or set "
+                               "training.grad_clip")
 
 
 #: steps at the start of the final phase whose squared gradients floor Adam's second moments
@@ -378,7 +371,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         self._flush_logs()
         d = self.checkpoint_dict()
-        require_finite({"model": d["model"], "ema": d["ema"]}, str(self.out / CHECKPOINT), self.state.step)
+        require_finite(d, str(self.out / CHECKPOINT), self.state.step)
         atomic_write(d, self.out / CHECKPOINT, durable=False)
         self._last_checkpoint = time.perf_counter()
 
@@ -412,7 +405,7 @@ class Trainer:
     def save_best_model(self) -> None:
         with self.ema.applied() if self.ema else contextlib.nullcontext():
             d = model_dict(self.model, self.model_config, self.metadata | {"epoch": self.state.epoch})
-        require_finite(d["state_dict"], str(self.out / BEST_MODEL), self.state.step)
+        require_finite(d, str(self.out / BEST_MODEL), self.state.step)
         atomic_write(d, self.out / BEST_MODEL)
 
     # ---- logs -------------------------------------------------------------------------

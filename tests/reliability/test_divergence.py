@@ -46,9 +46,12 @@ def test_clip_and_check_catches_a_gradient_the_loss_hides():
 
 
 def test_require_finite():
-    require_finite({"a": torch.ones(2), "ema": None, "steps": torch.tensor(3)}, "x", 1)
-    with pytest.raises(TrainingDiverged, match=r"model.pt would hold non-finite weights \(ema.shadow\[1\]\)"):
-        require_finite({"ema": {"shadow": [torch.ones(1), torch.tensor([float("nan")])]}}, "model.pt", 5)
+    require_finite({"model": {"a": torch.ones(2), "steps": torch.tensor(3)}, "ema": None}, "x", 1)
+    with pytest.raises(TrainingDiverged, match=r"model.pt would hold non-finite weights \(ema.shadow.1\)"):
+        nan_ema = {"shadow": [torch.ones(1), torch.tensor([float("nan")])]}
+        require_finite({"model": {"a": torch.ones(2)}, "ema": nan_ema}, "model.pt", 5)
+    with pytest.raises(TrainingDiverged, match=r"checkpoint.pt would hold non-finite weights \(a\)"):
+        require_finite({"model": {"a": torch.tensor([1.0, float("inf")])}, "ema": None}, "checkpoint.pt", 5)
 
 
 def _config(tmp_path, toy_xyz, **training):
