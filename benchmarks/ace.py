@@ -49,7 +49,8 @@ def worker(args) -> None:
 
     from polyfid.data.batch import PackedData
     from polyfid.data.readers import read
-    from polyfid.descriptors.network import DescriptorNetwork, predict, train_descriptor_network
+    from polyfid.descriptors.network import DescriptorNetwork, predict
+    from polyfid.train.descriptor import DescriptorTraining, train_descriptor_network
 
     train_file, test_file = common.rmd17_files(args.data_dir, args.molecule)
     train = read(train_file, format="npz", fidelity=FIDELITY)
@@ -64,7 +65,8 @@ def worker(args) -> None:
     torch.manual_seed(args.seed)
     net = DescriptorNetwork(basis, basis.n_functions, train.elements, hidden=args.hidden)
     common.barrier(args.barrier, args.variant, 2)
-    fit = train_descriptor_network(net, tr, args.budget_s, batch_size=args.batch_size, seed=args.seed)
+    settings = DescriptorTraining(args.budget_s, batch_size=args.batch_size, seed=args.seed)
+    fit = train_descriptor_network(net, tr, settings)
     t0 = time.perf_counter()
     e, f = predict(net, te)
     eval_s = time.perf_counter() - t0

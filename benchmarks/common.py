@@ -373,7 +373,7 @@ class BudgetSchedule:
         self.epochs, self.elapsed = 0, 0.0
 
     def run(self, make_batches):
-        from polyfid.train.trainer import cosine_lr
+        from polyfid.train.loop import cosine_lr
 
         t_start = time.perf_counter()
         while True:

@@ -75,7 +75,8 @@ def job(case: str, level: str, method: str, variant: str, k: int, seed: int, dat
     model, opts = ml.starting_point(case, level, method, ft, val.elements, seed, args)
     opts |= {"steps": STEPS} | VARIANTS[variant]
     t0 = time.perf_counter()
-    res = finetune(model, ft, work / f"{case}_{level}_{method}_{variant}_{k}_{seed}", fidelity=level, **opts)
+    options, replay = ml.finetune_options(opts, level)
+    res = finetune(model, ft, work / f"{case}_{level}_{method}_{variant}_{k}_{seed}", options, replay=replay)
     m = public(evaluate(res.model, val))[level]
     return {"force_mae_meV_A": m["force_mae_meV_A"], "energy_mae_meV": m["energy_mae_meV"],
             "wall_s": time.perf_counter() - t0,

@@ -111,9 +111,8 @@ class CaseData:
 # ---- helpers -------------------------------------------------------------------------------------
 def _as_task(ds: Dataset, fidelity: str, name: str) -> Dataset:
     """New frames of `ds` with the labels of `fidelity` only, under `name`."""
-    from polyfid.train.strategies import restrict
 
-    out = restrict(ds, [fidelity]).rename_fidelity(fidelity, name)
+    out = ds.restrict([fidelity]).rename_fidelity(fidelity, name)
     if len(out) != len(ds):
         raise ValueError(f"{name}: {len(ds) - len(out)} frames have no {fidelity!r} labels")
     out.name = name
@@ -334,11 +333,10 @@ def describe(name: str, data: CaseData) -> None:
         return (f"  {label:<28s} n={len(ds):5d} F={nf:5d} {els:<5s} E [{e.min():10.2f}, {e.max():10.2f}] eV "
                 f"(span {e.max() - e.min():7.2f}) |F|max {fmax:6.2f} eV/Å")
 
-    from polyfid.train.strategies import restrict
 
     print(f"{name}: {len(data.tasks)} pre-training frames, tasks {data.task_sizes}")
     for t in data.task_sizes:
-        print(line(t, restrict(data.tasks, [t]), t))
+        print(line(t, data.tasks.restrict([t]), t))
     for h, ho in data.held_out.items():
         print(line(f"{h} pool", ho.pool, h))
         print(line(f"{h} test", ho.test, h))

@@ -94,7 +94,7 @@ def pretrain(case: str, method: str, args) -> dict[str, Any]:
     from polyfid.data.splits import split_indices
     from polyfid.train.config import load_config
     from polyfid.train.meta import meta_train
-    from polyfid.train.strategies import fit_strategy, restrict
+    from polyfid.train.strategies import fit_strategy
 
     out = pretrain_dir(args, case, method)
     done = out / "done.json"
@@ -103,7 +103,7 @@ def pretrain(case: str, method: str, args) -> dict[str, Any]:
     data = load_case(case, args)
     tr_parts, va_parts = [], []
     for t in data.tasks.fidelities:  # 5 % of each task validates
-        ds = restrict(data.tasks, [t])
+        ds = data.tasks.restrict([t])
         tr, va = split_indices(len(ds), [len(ds) - max(2, len(ds) // 20), max(2, len(ds) // 20)], seed=0)
         tr_parts.append(ds[tr])
         va_parts.append(ds[va])
@@ -152,6 +152,21 @@ def starting_point(case: str, level: str, method: str, ft: Any, elements: list[i
     return model, opts
 
 
+def finetune_options(opts: dict[str, Any], level: str) -> tuple[Any, Any]:
+    """`finetune`'s options for `opts` (FinetuneOptions keys, and TrainingConfig keys such as lr or
+    num_threads, which go to its training) at `level`, and the replay frames in `opts` (or None)."""
+    from dataclasses import fields
+
+    from polyfid.train.config import FinetuneOptions
+
+    opts = dict(opts)
+    replay = opts.pop("replay", None)
+    own = {f.name for f in fields(FinetuneOptions)}
+    options = FinetuneOptions(fidelity=level, **{k: v for k, v in opts.items() if k in own},
+                              training={k: v for k, v in opts.items() if k not in own})
+    return options, replay
+
+
 def finetune_job(case: str, level: str, k: int, method: str, seed: int, args) -> dict[str, Any]:
     """Fine-tune one method on k frames of a held-out level; test errors and scans."""
     from polyfid.analysis.metrics import public
@@ -170,7 +185,8 @@ def finetune_job(case: str, level: str, k: int, method: str, seed: int, args) ->
     model, opts = starting_point(case, level, method, ft, held.test.elements, seed, args)
     opts |= {"steps": args.finetune_steps}
     t0 = time.perf_counter()
-    res = finetune(model, ft, out, fidelity=level, **opts)
+    options, replay = finetune_options(opts, level)
+    res = finetune(model, ft, out, options, replay=replay)
     wall = time.perf_counter() - t0
     m = public(evaluate(res.model, held.test))[level]
     frag = {"case": case, "level": level, "k": k, "method": method, "seed": seed, "wall_s": wall,
@@ -384,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.phase in ("labels", "all"):
         meta_data.compute_labels(args.data_dir, args.store, args.quick, workers=args.label_workers)
+        if args.phase == "labels":  # labels only: the results file is not this phase's to rewrite
+            return 0
     if args.phase in ("train", "all"):
         run_all(args)
     result = aggregate(args)

@@ -195,12 +195,11 @@ def levels(case: str) -> tuple[str, str]:
 
 def _rmd17(data_dir: Path, molecule: str):
     from polyfid.data.readers import read
-    from polyfid.train.strategies import restrict
 
     train_f, test_f = common.rmd17_files(data_dir, molecule)
-    train = restrict(read(train_f), [PBE])
+    train = read(train_f).restrict([PBE])
     tr_idx, _ = common.train_val_split(len(train), 50, 0)
-    return train[np.sort(tr_idx)], restrict(read(test_f), [PBE])
+    return train[np.sort(tr_idx)], read(test_f).restrict([PBE])
 
 
 def _relabel(ds, store, level: str, name: str, forces: bool):
@@ -263,13 +262,12 @@ def build(case: str, data_dir: Path, store_path: Path, n_high: int, seed: int, q
     The low and high sets are separate data sets, as a user's two files are."""
     from polyfid.data.frame import Dataset, Frame
     from polyfid.label import LabelStore
-    from polyfid.train.strategies import restrict
 
     low, high = levels(case)
     fr = case_frames(case, data_dir, quick)
     if case == "pyseqm":
         hi = fr["high_pool"][high_subset(len(fr["high_pool"]), n_high, seed)]
-        return restrict(fr["low"], [low]), restrict(hi, [high]), fr["test"], None
+        return fr["low"].restrict([low]), hi.restrict([high]), fr["test"], None
     with LabelStore(store_path) as st:
         train, test = fr["train"], fr["test"]
         if case == "rmd17_mp2_ethanol":
@@ -277,12 +275,12 @@ def build(case: str, data_dir: Path, store_path: Path, n_high: int, seed: int, q
             hi = _relabel(Dataset([Frame(f.numbers, f.positions, source=f.source) for f in train[idx]]), st,
                           MP2, MP2, True)
             test = _relabel(test, st, MP2, MP2, True)
-            return restrict(train, [PBE]), hi, test, None
+            return train.restrict([PBE]), hi, test, None
         train = _relabel(train, st, XTB, XTB, True)
         test = _relabel(test, st, XTB, XTB, True)
         idx = high_subset(len(train), n_high, seed)
-        val = restrict(train[validation_indices(len(train), quick)], [XTB, PBE]) if case == SELECT_CASE else None
-        return restrict(train, [XTB]), restrict(train[idx], [PBE]), test, val
+        val = train[validation_indices(len(train), quick)].restrict([XTB, PBE]) if case == SELECT_CASE else None
+        return train.restrict([XTB]), train[idx].restrict([PBE]), test, val
 
 
 def merged(low_ds, high_ds, high: str, forces: bool = False):
@@ -362,9 +360,8 @@ def _fit_multi_fidelity(args, rec: dict[str, Any], levels_: tuple[str, str], see
 def _scores(model, frames, fidelity: str, prefix: str = "") -> dict[str, float]:
     from polyfid.analysis.metrics import error_metrics, public
     from polyfid.data.batch import PackedData
-    from polyfid.train.strategies import restrict
 
-    ds = restrict(frames, [fidelity])
+    ds = frames.restrict([fidelity])
     m = public(error_metrics(model, PackedData(ds, model.cutoff, model.fidelities), device="cpu"))[fidelity]
     keys = ("energy_mae_meV", "force_mae_meV_A", "energy_rmse_meV", "force_rmse_meV_A")
     return {prefix + k: m[k] for k in keys} | {prefix + "n": len(ds)}
@@ -375,7 +372,7 @@ def run_job(args, spec: dict[str, Any]) -> dict[str, Any]:
 
     from polyfid.models import load_model
     from polyfid.train.config import load_config
-    from polyfid.train.strategies import fit_strategy, restrict
+    from polyfid.train.strategies import fit_strategy
 
     torch.set_num_threads(1)
     case, strategy, n_high, seed = spec["case"], spec["strategy"], spec.get("n_high"), spec.get("seed")
@@ -389,7 +386,7 @@ def run_job(args, spec: dict[str, Any]) -> dict[str, Any]:
         res = fit_strategy(cfg, low_ds, None, out, resume=True)
         model, target, n_train = res.model, low, len(low_ds)
     elif strategy in ("sf_energy", "sf_energy_forces"):
-        train = restrict(high_ds, [high])
+        train = high_ds.restrict([high])
         if strategy == "sf_energy":
             for f in train:
                 f.labels[high].forces = None

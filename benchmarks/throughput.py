@@ -7,7 +7,7 @@ float32, batch 32, torch.set_num_threads(--threads, default 1), rMD17 ethanol (9
 frames of the seed-0 split; the 1000 test frames for inference). Measured:
 
   train_cfg_per_s          real optimiser steps with force training (create_graph): polyfid's
-                           Trainer.train_epoch (Adam, EMA, gradient clipping, its batching);
+                           Trainer.run_epoch (Adam, EMA, gradient clipping, its batching);
                            hippynn's Database loader, GraphModules and loss nodes, Adam
   batched_cfg_per_s        energy + forces of the test geometries in batches of 32, from raw
                            geometries: polyfid.api.predict on ASE Atoms (vesin neighbour lists
@@ -124,7 +124,7 @@ class PolyfidSide:
         from polyfid.data.readers import read
         from polyfid.models import build_potential
         from polyfid.train.config import TrainingConfig
-        from polyfid.train.trainer import Trainer
+        from polyfid.train.trainer import StepOptions, Trainer
 
         self.torch, self.device = torch, a.device
         train_file, test_file = common.rmd17_files(a.data_dir, a.molecule)
@@ -143,7 +143,8 @@ class PolyfidSide:
         self.cfg = TrainingConfig(batch_size=BATCH, lr=1e-3, scheduler="none", dtype="float32", seed=a.seed,
                                   num_threads=a.threads, device=a.device, max_time_s=1.0)
         self.tmp = tempfile.TemporaryDirectory(prefix="polyfid-throughput-")
-        self.trainer = Trainer(self.model, self.train, None, self.cfg, self.tmp.name, dict(ARCH), progress=False)
+        self.trainer = Trainer(self.model, self.train, None, self.cfg, self.tmp.name, dict(ARCH),
+                               options=StepOptions(progress=False))
         # inference on a copy (the ASE calculator switches parameter gradients off)
         self.infer = copy.deepcopy(self.model).eval()
         self.test = PackedData(test_ds, model.cutoff, [FIDELITY], dtype=torch.float32)
@@ -154,7 +155,7 @@ class PolyfidSide:
         self.calc_atoms = None
         self.info = {
             "code": f"polyfid {polyfid.__version__}",
-            "train_path": "polyfid.train.trainer.Trainer.train_epoch (Adam, EMA 0.99, grad clip 100)",
+            "train_path": "polyfid.train.trainer.Trainer.run_epoch (Adam, EMA 0.99, grad clip 100)",
             "batched_path": "polyfid.api.predict on ASE Atoms (Frame -> PackedData with vesin pairs -> batches)"
             if not a.device.startswith("cuda") else "Frame -> PackedData (vesin) -> predict_packed on the GPU",
             "batched_model_path": "Potential on pre-packed batches (pairs precomputed)",
@@ -165,15 +166,15 @@ class PolyfidSide:
 
     # ---- units -----------------------------------------------------------------------
     def run_train(self, seconds: float) -> int:
-        """Trainer.train_epoch until `seconds` have passed; returns frames trained on."""
+        """Trainer.run_epoch until `seconds` have passed; returns frames trained on."""
         tr = self.trainer
-        tr.cfg.max_time_s = seconds
+        tr.budget.max_time_s = seconds
         n, bs = self.train.n_frames, self.cfg.batch_size
         full = math.ceil(n / bs)
         t0 = time.perf_counter()
         frames = 0
         while time.perf_counter() - t0 < seconds:
-            row = tr.train_epoch(t0, 0.0)
+            row = tr.run_epoch(t0, 0.0)
             k = int(row["train_steps"])
             frames += n if k == full else k * bs
             tr.state.epoch += 1

@@ -52,7 +52,8 @@ def positive_number() -> Callable[[str], float]:
     return number_above(0.0)
 
 
-def number_in(lo: float, hi: float, open_low: bool = False) -> Callable[[str], float]:
-    """A finite number in [lo, hi] (with `open_low`: in (lo, hi], lo itself refused)."""
-    interval = f"{'(' if open_low else '['}{lo:g}, {hi:g}]"
-    return _flag_type(False, lambda v: (lo < v if open_low else lo <= v) and v <= hi, f"a number in {interval}")
+def number_in(lo: float, hi: float, open_low: bool = False, open_high: bool = False) -> Callable[[str], float]:
+    """A finite number in [lo, hi] (with `open_low`: lo itself refused, `open_high`: hi refused)."""
+    interval = f"{'(' if open_low else '['}{lo:g}, {hi:g}{')' if open_high else ']'}"
+    return _flag_type(False, lambda v: (lo < v if open_low else lo <= v) and (v < hi if open_high else v <= hi),
+                      f"a number in {interval}")

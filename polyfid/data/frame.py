@@ -6,7 +6,7 @@ Units inside polyfid are eV and Å. Readers convert at the door.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -182,6 +182,31 @@ class Dataset(Sequence[Frame]):
                 if key not in use:
                     setattr(lab, key, None)
         return self
+
+    def restrict(self, fidelities: Sequence[str]) -> Dataset:
+        """A data set of the frames with their labels at `fidelities` only; frames left
+        without labels are dropped (frames and labels are shared, not copied)."""
+        out = []
+        for f in self.frames:
+            labels = {k: v for k, v in f.labels.items() if k in fidelities}
+            if labels:
+                out.append(replace(f, labels=labels))
+        return Dataset(out, name=self.name)
+
+    def delta(self, target: str, base: str) -> Dataset:
+        """The frames labelled at both levels, with labels target − base under the name
+        `target` (energies where both have energies, forces where both have forces): the
+        data of a Δ model."""
+        out = []
+        for f in self.frames:
+            t, b = f.labels.get(target), f.labels.get(base)
+            if t is None or b is None:
+                continue
+            e = t.energy - b.energy if t.energy is not None and b.energy is not None else None
+            fo = t.forces - b.forces if t.forces is not None and b.forces is not None else None
+            if e is not None or fo is not None:
+                out.append(replace(f, labels={target: Labels(energy=e, forces=fo)}))
+        return Dataset(out, name=self.name)
 
     def count(self, fidelity: str, key: str) -> int:
         """Number of frames that carry label `key` at `fidelity`."""

@@ -162,13 +162,12 @@ def train_models(s: MultiFidelityDemoSettings, train, runs: Path, log: Path | No
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from polyfid.train.strategies import restrict
 
     low, high = fidelity_name(s.low_level), fidelity_name(s.high_level)
     mf_cfg = training_config(s, runs / "multi_fidelity", {
         "name": "multi-head", "target": high, "base": low, "second_stage": {"max_steps": s.own_steps}}, s.low_steps)
     sf_cfg = training_config(s, runs / "energies_only", {"name": "single", "target": high}, s.steps)
-    sf_train = restrict(train, [high])
+    sf_train = train.restrict([high])
     for d in ("multi_fidelity", "energies_only"):
         shutil.rmtree(runs / d, ignore_errors=True)
     log_s = None if log is None else str(Path(log).absolute())
@@ -184,14 +183,13 @@ def evaluate_models(s: MultiFidelityDemoSettings, models: dict[str, str], test) 
     energies have another zero (an energy MAE of hundreds of eV would mean nothing)."""
     from polyfid.analysis.metrics import public
     from polyfid.api import evaluate
-    from polyfid.train.strategies import restrict
 
     low, high = fidelity_name(s.low_level), fidelity_name(s.high_level)
     out: dict[str, dict[str, Any]] = {}
     for name, path in models.items():
         low_head = name == "low_level_network"
         # restrict gives fresh label dicts: the renaming for the low-level head stays in this copy
-        m = evaluate(path, restrict(test, [high]), {high: low} if low_head else None)
+        m = evaluate(path, test.restrict([high]), {high: low} if low_head else None)
         fid = low if low_head else high
         out[name] = public(m)[fid] | {"_arrays": m["_arrays"][fid]}
         if low_head:

@@ -1,13 +1,12 @@
 """A descriptor network: per-element MLPs on fixed per-atom descriptors, energy as a sum over
 atoms, forces by autograd through the descriptors (Behler–Parrinello style). It is the test bed
-that compares descriptor sets (ACE full against pruned) at equal training time.
+that compares descriptor sets (ACE full against pruned) at equal training time; it trains on
+the run loop every training uses (`polyfid.train.descriptor`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,7 +14,6 @@ from torch import nn
 
 from polyfid.data.batch import Batch, PackedData
 from polyfid.descriptors.moments import element_index
-from polyfid.train.trainer import cosine_lr
 
 #: positions (N, 3) Å, atomic numbers (N,), pair_i (P,), pair_j (P,)  ->  (N, D)
 Descriptor = Callable[..., torch.Tensor]
@@ -77,47 +75,6 @@ class DescriptorNetwork(nn.Module):
             (g,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
             out["forces"] = -g
         return out
-
-
-@dataclass
-class FitResult:
-    train_s: float
-    epochs: int
-    steps: int
-    frames: int
-
-
-def train_descriptor_network(model: DescriptorNetwork, train: PackedData, budget_s: float, batch_size: int = 16,
-                             lr: float = 2e-3, min_lr: float = 1e-5, force_weight: float = 100.0, seed: int = 0,
-                             fidelity: int = 0) -> FitResult:
-    """Adam on 1·MSE(E/N) + force_weight·MSE(F) (eV, eV/Å) with cosine learning-rate decay over a
-    wall-clock budget (s), as the benchmarks' recipe for the networks."""
-    model.fit_statistics(train, fidelity)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    epochs = steps = frames = 0
-    while True:
-        order = rng.permutation(train.n_frames)
-        for s in range(0, len(order), batch_size):
-            elapsed = time.perf_counter() - t0
-            if elapsed >= budget_s:
-                return FitResult(elapsed, epochs, steps, frames)
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(lr, min_lr, elapsed / budget_s)
-            b = train.batch(order[s:s + batch_size])
-            out = model(b, forces=True, create_graph=True)
-            n = b.n_atoms.to(out["energy"])
-            e_ref = b.energy[:, fidelity].to(out["energy"])
-            f_ref = b.forces[:, fidelity].to(out["forces"])
-            loss = ((out["energy"] - e_ref) / n).square().mean()
-            loss = loss + force_weight * (out["forces"] - f_ref).square().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            frames += len(n)
-        epochs += 1
 
 
 def predict(model: DescriptorNetwork, data: PackedData, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:

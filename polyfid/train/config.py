@@ -63,17 +63,17 @@ def _fmt(x: float) -> str:
 
 
 def opt(default: Any, doc: str, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-        le: float | None = None, unit: str = "", **kw: Any) -> Any:
+        le: float | None = None, unit: str = "") -> Any:
     """A documented field; a class as default means a fresh instance of it. gt/ge/lt/le bound a
     number (null, where the type allows it, stays allowed); unit names it in messages."""
     meta: dict[str, Any] = {"doc": doc}
     if any(b is not None for b in (gt, ge, lt, le)):
         meta["range"] = Range(gt, ge, lt, le, unit)
     if isinstance(default, type):
-        return field(default_factory=default, metadata=meta, **kw)
+        return field(default_factory=default, metadata=meta)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def option_range(cls: type, name: str) -> Range:
@@ -318,6 +318,80 @@ class OutputConfig:
 
 
 @dataclass
+class FinetuneOptions:
+    """Fine-tuning a trained model to a new, small data set (`polyfid finetune`,
+    `polyfid.train.finetune.finetune`): the level fine-tuned to, how its head starts, what
+    trains and for how long. Defaults are a step budget, not an epoch count, so that 10 and
+    1000 frames both get enough updates."""
+
+    fidelity: str | None = opt(
+        None, "the level fine-tuned to: the head trained (a new one if the model lacks it) and the model's default "
+        "afterwards; null: the training data's only level (an unnamed single-level file's labels take the first "
+        "file's stem). Picks the label set of a multi-level data file")
+    head_init: str = opt(
+        "best", "how a new head starts: best (a copy of the head whose forces match the data best, per-element "
+        "reference energies fitted on top), mean (the heads' mean), zero, or the name of a head of the model")
+    trainable: Literal["all", "last", "head"] = opt(
+        "all", "parameters fine-tuned: all, last (the last interaction block and the heads) or head (the heads "
+        "only: the other levels' predictions stay exactly as they were)")
+    warmup_steps: int = opt(200, "optimiser steps with the backbone frozen before it trains too (0: none)", ge=0)
+    steps: int = opt(1500, "optimiser steps of the main stage (cosine decay; early stopping may end it sooner)",
+                     ge=1)
+    anchor: float = opt(
+        0.0, "weight λ of λ·Σ(θ − θ₀)² over the backbone's parameters θ (θ₀: as loaded), in units of the loss "
+        "(L2-SP): pulls a few-frame fine-tune towards the pre-trained network (0: off)", ge=0)
+    replay_share: float = opt(
+        0.5, "share of the training draws from data.replay (when it names data sets); an epoch draws k / (1 − "
+        "share) frames, so steps, warm-up and validation keep their pace", gt=0, lt=1)
+    val_fraction: float = opt(
+        0.2, "share of the training frames held out for validation and early stopping when data.validation is "
+        "empty (at least one frame; 0: none)", ge=0, lt=1)
+    seed: int = opt(0, "seed of the validation split, the new head and the batch order", ge=0, lt=SEED_END)
+    training: dict = opt(
+        {}, "training options (see `polyfid config`, section training) over the fine-tuning defaults: batch_size "
+        "32 or all frames, lr 1e-3, cosine decay to min_lr 1e-5, ema_decay 0.99, epochs from steps, early stopping "
+        "after about a fifth of the steps without improvement; e.g. {lr: 3.0e-4, max_time_s: 600, num_threads: 1, "
+        "dtype: float64, device: cuda}")
+
+
+@dataclass
+class FinetuneData:
+    train: list[DatasetSpec] = opt(
+        [], "fine-tuning data sets, labelled at the level fine-tuned to; several are merged (the same geometry in "
+        "two files is one frame); a single-level file's labels are renamed to the level")
+    validation: list[DatasetSpec] = opt([], "validation data sets; if empty, finetune.val_fraction of train is "
+                                        "held out")
+    test: list[DatasetSpec] = opt([], "test data sets, evaluated at the end (results.json); optional")
+    replay: list[DatasetSpec] = opt(
+        [], "frames at levels the model already has (e.g. its pre-training data), trained alongside on their own "
+        "heads; a single-level file's fidelity names the head, an unnamed one takes the file's stem")
+    merge_tolerance: float | None = opt(
+        MERGE_TOLERANCE, "Å; frames of the same geometry in two data sets of one list are merged into one frame "
+        "(see `polyfid config`, data.merge_tolerance); null: no merging", ge=0, unit="Å")
+
+
+@dataclass
+class FinetuneOutput:
+    dir: str = opt("runs/finetune", "run folder: model.pt, results.json, config.json and each stage's "
+                   "checkpoints and logs (warmup/, finetune/)")
+    plots: bool = opt(False, "save the fine-tuning stage's loss curves and the test parity plot as PNG")
+    progress: bool = opt(False, "show a progress bar")
+
+
+@dataclass
+class FinetuneConfig:
+    """`polyfid finetune CONFIG.yaml`: a model file, data and fine-tuning options."""
+
+    model: str = opt("", "the model file to fine-tune (model.pt of a run); required")
+    data: FinetuneData = opt(FinetuneData, "data sets")
+    finetune: FinetuneOptions = opt(FinetuneOptions, "fine-tuning options")
+    output: FinetuneOutput = opt(FinetuneOutput, "where results go")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class Config:
     data: DataConfig = opt(DataConfig, "data sets and splits")
     model: ModelConfig = opt(ModelConfig, "network")
@@ -461,6 +535,13 @@ def _validate(obj: Any, where: str) -> None:
             check_number(b, f"{where}.inner_betas[{k}]", Range(ge=0, lt=1))
         for name, w in obj.task_weights.items():
             check_number(w, f"{where}.task_weights.{name}", Range(ge=0))
+    if isinstance(obj, FinetuneOptions):
+        if "seed" in obj.training:
+            raise ConfigError(f"{where}.training.seed: set {where}.seed, the one seed of a fine-tune (split, new "
+                              "head, batch order)")
+        from_dict(TrainingConfig, obj.training, f"{where}.training")  # now, not after the data are read
+    if isinstance(obj, FinetuneConfig) and not obj.model:
+        raise ConfigError(f"{where}.model: required: the model file to fine-tune")
     if isinstance(obj, DataConfig) and obj.min_distance >= obj.max_extent:
         raise ConfigError(f"{where}: min_distance ({obj.min_distance:g} Å) must be below max_extent "
                           f"({obj.max_extent:g} Å)")
@@ -500,40 +581,82 @@ def _validate_model(m: ModelConfig, where: str) -> None:
 
 def load_config(source: str | Path | dict) -> Config:
     """Read and validate a configuration from a YAML file or a dict."""
-    if isinstance(source, dict):
-        return from_dict(Config, source)
-    path = Path(source)
+    return _load(source, Config)
+
+
+def load_finetune_config(source: str | Path | dict, overrides: dict | None = None) -> FinetuneConfig:
+    """Read and validate a fine-tuning configuration (`polyfid finetune CONFIG.yaml`) from a
+    YAML file or a dict; `overrides` (nested like the file: {"finetune": {"steps": 500}}) replace
+    its values before it is checked, mappings merged key by key, lists replaced."""
+    return _load(source, FinetuneConfig, overrides)
+
+
+def _load(source: str | Path | dict, cls: type, overrides: dict | None = None) -> Any:
+    """A `cls` configuration from a YAML file or a dict, with `overrides` merged in; the data
+    paths (and a fine-tune's model path) relative to a file are found beside it."""
+    path = None if isinstance(source, dict) else Path(source)
+    d = source if path is None else _read_yaml(path)
+    if overrides:
+        d = _merged({} if d is None else d, overrides)
+    try:
+        cfg = from_dict(cls, d)
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {e}") from None
+    if path is not None:
+        base = path.parent
+        for name in ("train", "validation", "test", "replay"):
+            for spec in getattr(cfg.data, name, []):
+                spec.path = _beside(base, spec.path)
+        if isinstance(cfg, FinetuneConfig):
+            cfg.model = _beside(base, cfg.model)
+    return cfg
+
+
+def _read_yaml(path: Path) -> Any:
     if not path.exists():
         raise ConfigError(f"configuration file {path} does not exist")
     if not path.is_file():
         raise ConfigError(f"configuration file {path} is not a file")
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); expected a YAML configuration") \
             from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    try:
-        cfg = from_dict(Config, d)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    base = path.parent
-    for spec in cfg.data.train + cfg.data.validation + cfg.data.test:
-        if not Path(spec.path).is_absolute() and not Path(spec.path).exists() and (base / spec.path).exists():
-            spec.path = str(base / spec.path)  # paths relative to the config file
-    return cfg
 
 
-def documented_defaults() -> str:
-    """All options with their defaults and documentation, as commented YAML."""
-    lines: list[str] = ["# polyfid training configuration: every option, its default and meaning"]
+def _merged(d: Any, overrides: dict) -> Any:
+    """`d` with `overrides` in place of its values, mappings merged key by key (a `d` that is
+    not a mapping is left for from_dict to refuse)."""
+    if not isinstance(d, dict):
+        return d
+    out = dict(d)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
-    def emit(cls: type, indent: int) -> None:
+
+def _beside(base: Path, path: str) -> str:
+    """`path` as given if it exists or is absolute, else beside the configuration file if there."""
+    if not Path(path).is_absolute() and not Path(path).exists() and (base / path).exists():
+        return str(base / path)
+    return path
+
+
+def documented_defaults(cls: type = Config) -> str:
+    """All options of `cls` (Config: `polyfid train`; FinetuneConfig: `polyfid finetune`) with
+    their defaults and documentation, as commented YAML."""
+    what = "fine-tuning configuration (polyfid finetune)" if cls is FinetuneConfig else "training configuration"
+    lines: list[str] = [f"# polyfid {what}: every option, its default and meaning"]
+
+    def emit(section: type, indent: int) -> None:
         pad = "  " * indent
-        inst = cls()
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
+        inst = section()
+        hints = typing.get_type_hints(section)
+        for f in fields(section):
             doc = f.metadata.get("doc", "")
             if "range" in f.metadata:  # the unit is in the doc already
                 doc += f"; range {f.metadata['range'].describe(_nullable(hints[f.name]), unit=False)}"
@@ -541,7 +664,7 @@ def documented_defaults() -> str:
             if is_dataclass(value):
                 lines.append(f"{pad}{f.name}:  # {doc}")
                 emit(type(value), indent + 1)
-            elif f.name in ("train", "validation", "test"):
+            elif f.name in ("train", "validation", "test", "replay"):
                 lines.append(f"{pad}{f.name}: []  # {doc}")
                 if f.name == "train":
                     lines.append(f"{pad}  # - {{each item:}}")
@@ -553,5 +676,5 @@ def documented_defaults() -> str:
                 dumped = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
                 lines.append(f"{pad}{f.name}: {dumped}  # {doc}")
 
-    emit(Config, 0)
+    emit(cls, 0)
     return "\n".join(lines) + "\n"

@@ -10,18 +10,18 @@ reference energies stay task-specific: a task's head row takes its φ whole, the
 are not touched (their gradient is zero in the task's inner loop). The result is an
 ordinary multi-head model file, ready for `finetune`.
 
-Resuming is exact: the tasks and batches of outer step s are a function of (seed, s), and a
-checkpoint (weights, the kept inner optimiser's state, step, clock, best validation,
-history) is written atomically every `training.checkpoint_interval_s`.
+The run (budget, checkpoints, validation, best model, early stopping, metrics.csv) is the
+run loop's (`polyfid.train.loop`); a step of it is one outer step, an epoch `meta.eval_every`
+of them. Resuming is exact: the tasks and batches of outer step s are a function of (seed, s),
+and a checkpoint holds the weights and the kept inner optimiser's state.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,28 +32,14 @@ from polyfid.analysis.metrics import error_metrics, public
 from polyfid.data.batch import PackedData
 from polyfid.data.frame import Dataset
 from polyfid.errors import DataError
-from polyfid.models import (
-    atomic_write,
-    build_potential,
-    checkpoint_error,
-    load_model,
-    model_dict,
-    read_checkpoint,
-)
+from polyfid.models import build_potential, load_model, model_dict
 from polyfid.models.potential import Potential
 from polyfid.neighbors.checks import check_frames
-from polyfid.numerics import flush_denormals, resolve_device, set_threads
+from polyfid.numerics import resolve_device, set_threads
 from polyfid.train.config import Config, ConfigError, MetaConfig, TrainingConfig, load_config
-from polyfid.train.strategies import DTYPES, data_geometry, restrict
-from polyfid.train.trainer import (
-    BEST_MODEL,
-    CHECKPOINT,
-    clip_and_check,
-    loss_weights,
-    require_finite,
-    step_loss,
-    validation_loss,
-)
+from polyfid.train.loop import BEST_MODEL, CHECKPOINT, Budget, RunLoop, TrainState
+from polyfid.train.stage import DTYPES, data_geometry
+from polyfid.train.trainer import clip_and_check, loss_weights, step_loss, validation_loss
 
 HEAD_PARAMETERS = ("readout.weight", "readout.bias")  # row h belongs to task h
 
@@ -86,22 +72,21 @@ def reptile_update(
     return out
 
 
-@dataclass
-class MetaState:
-    """Everything besides weights that a resumed meta-training run needs."""
-
-    step: int = 0  # outer steps finished
-    elapsed_s: float = 0.0
-    best_val: float = math.inf
-    best_step: int = -1
-    early_bad: int = 0
-    stopped: str = ""
-    history: list[dict[str, float]] = field(default_factory=list)
+def reptile_budget(tc: TrainingConfig, mc: MetaConfig) -> Budget:
+    """The run loop's budget of meta-training: meta.outer_steps steps (or training.max_time_s
+    seconds, which the schedules then count), an epoch being meta.eval_every outer steps with
+    a validation at its end."""
+    return Budget(epochs=None, max_steps=mc.outer_steps, max_time_s=tc.max_time_s,
+                  schedule_by="time" if tc.max_time_s else "steps", eval_every=1,
+                  early_stopping_patience=tc.early_stopping_patience,
+                  checkpoint_interval_s=tc.checkpoint_interval_s, flush_denormal=tc.flush_denormal)
 
 
-class ReptileTrainer:
-    """Meta-trains `model` (one head per task) on `tasks` (task name -> its training frames,
-    packed with the model's fidelity columns), validating on `val`; writes into `out`."""
+class ReptileTrainer(RunLoop):
+    """Meta-trains `model` (one head per task; built by `build_potential`, whose options go
+    into the model file) on `tasks` (task name -> its training frames, packed with the model's
+    fidelity columns), validating on `val`; writes into `out`. A step of the run loop is one
+    outer step."""
 
     def __init__(
         self,
@@ -111,14 +96,12 @@ class ReptileTrainer:
         tc: TrainingConfig,
         mc: MetaConfig,
         out: str | Path,
-        model_config: dict[str, Any],
         metadata: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
-        self.model, self.tasks, self.val, self.tc, self.mc = model, tasks, val, tc, mc
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.model_config, self.metadata, self.progress = model_config, dict(metadata or {}), progress
+        super().__init__(model, reptile_budget(tc, mc), out, progress)
+        self.tasks, self.val, self.tc, self.mc = tasks, val, tc, mc
+        self.model_config, self.metadata = dict(model.model_config), dict(metadata or {})
         unknown = set(mc.task_weights) - set(tasks)
         if unknown:
             raise ConfigError(f"meta.task_weights names tasks {sorted(unknown)}; the tasks are {sorted(tasks)}")
@@ -130,17 +113,11 @@ class ReptileTrainer:
         self.device = resolve_device(tc.device, "training.device")
         self.dtype = next(model.parameters()).dtype
         self.weights = loss_weights(tc, list(model.fidelities), self.dtype, self.device)
-        self.state = MetaState()
         self._opt: torch.optim.Optimizer | None = None
-        self._last_checkpoint = -math.inf
+        self._counts: dict[str, int] = {}
+        self._epsilon = self.epsilon()
 
     # ---- schedule -----------------------------------------------------------------------
-    def fraction(self) -> float:
-        """Fraction of the budget used: wall-clock if max_time_s is set, else outer steps."""
-        if self.tc.max_time_s:
-            return min(self.state.elapsed_s / self.tc.max_time_s, 1.0)
-        return min(self.state.step / self.mc.outer_steps, 1.0)
-
     def epsilon(self) -> float:
         f = self.fraction()
         return self.mc.outer_lr + (self.mc.outer_lr_final - self.mc.outer_lr) * f
@@ -206,7 +183,22 @@ class ReptileTrainer:
         for k, p in self.model.named_parameters():
             p.copy_(weights[k])
 
-    # ---- validation, checkpoints --------------------------------------------------------
+    # ---- the run loop's hooks -------------------------------------------------------------
+    def begin_epoch(self) -> int:
+        self._counts = {}
+        return self.mc.eval_every
+
+    def train_step(self, k: int, frac: float) -> None:
+        self._epsilon = self.epsilon()
+        for t in self.outer_step():
+            self._counts[t] = self._counts.get(t, 0) + 1
+
+    def end_epoch(self, done: int) -> dict[str, float]:
+        return {"epsilon": self._epsilon, "train_steps": done} | {f"n_{t}": n for t, n in self._counts.items()}
+
+    def current_lr(self) -> float:
+        return self.inner_lr()
+
     def validate(self) -> dict[str, float]:
         if self.val is None:
             return {}
@@ -216,102 +208,19 @@ class ReptileTrainer:
         out["val_loss"] = validation_loss(m, self.tc, self.val.fidelities)
         return out
 
-    def save_checkpoint(self) -> None:
-        d = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-             "state": asdict(self.state)}
-        require_finite(d, str(self.out / CHECKPOINT), self.state.step)
+    def payload(self) -> dict[str, Any]:
+        d = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
         if self._opt is not None and self.mc.inner_state == "keep":
             d["optimizer"] = self._opt.state_dict()
-        atomic_write(d, self.out / CHECKPOINT, durable=False)
-        self._write_history()
-        self._last_checkpoint = time.perf_counter()
+        return d
 
-    def load_checkpoint(self) -> bool:
-        path = self.out / CHECKPOINT
-        ck = read_checkpoint(path, self.device)  # ModelFileError for a damaged one: never silently start over
-        if ck is None:
-            return False
-        try:
-            self.model.load_state_dict(ck["model"])
-            self.state = MetaState(**ck["state"])
-            if "optimizer" in ck and self.mc.inner_state == "keep":
-                params = [p for p in self.model.parameters() if p.requires_grad]
-                self._optimizer(params).load_state_dict(ck["optimizer"])
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            detail = " ".join(str(e).split())[:400]
-            raise checkpoint_error(path, f"checkpoint {path} does not fit this run (written with other options, or "
-                                         f"damaged): {type(e).__name__}: {detail}") from None
-        return True
+    def load_payload(self, d: dict[str, Any]) -> None:
+        self.model.load_state_dict(d["model"])
+        if "optimizer" in d and self.mc.inner_state == "keep":
+            self._optimizer([p for p in self.model.parameters() if p.requires_grad]).load_state_dict(d["optimizer"])
 
-    def save_best_model(self) -> None:
-        d = model_dict(self.model, self.model_config, self.metadata | {"outer_step": self.state.step})
-        require_finite(d, str(self.out / BEST_MODEL), self.state.step)
-        atomic_write(d, self.out / BEST_MODEL)
-
-    def _write_history(self) -> None:
-        (self.out / "metrics.json").write_text(json.dumps(self.state.history, indent=1))
-
-    # ---- main loop ----------------------------------------------------------------------
-    def _evaluate(self, row: dict[str, float]) -> None:
-        val = self.validate()
-        row |= val
-        s = self.state
-        if not val:
-            return
-        if val["val_loss"] < s.best_val * (1 - 1e-6):
-            s.best_val, s.best_step, s.early_bad = val["val_loss"], s.step, 0
-            self.save_best_model()
-        else:
-            s.early_bad += 1
-            if self.tc.early_stopping_patience is not None and s.early_bad >= self.tc.early_stopping_patience:
-                s.stopped = "early stopping"
-
-    def fit(self, resume: bool = False) -> MetaState:
-        """Meta-train until outer_steps, the time budget or early stopping (subnormal floats
-        flushed to zero where training.flush_denormal says so)."""
-        with flush_denormals(self.tc.flush_denormal):
-            return self._fit(resume)
-
-    def _fit(self, resume: bool) -> MetaState:
-        if resume and self.load_checkpoint():
-            print(f"resuming from {self.out / CHECKPOINT} after outer step {self.state.step}")
-            if self.state.stopped in ("step limit", "time budget"):
-                self.state.stopped = ""
-        from tqdm.auto import tqdm
-
-        s, mc = self.state, self.mc
-        bar = tqdm(total=mc.outer_steps, initial=s.step, disable=not self.progress, unit="step")
-        counts: dict[str, int] = {}
-        t_mark, e_mark = time.perf_counter(), s.elapsed_s
-        try:
-            while not s.stopped:
-                if s.step >= mc.outer_steps:
-                    s.stopped = "step limit"
-                    break
-                if self.tc.max_time_s and s.elapsed_s >= self.tc.max_time_s:
-                    s.stopped = "time budget"
-                    break
-                eps = self.epsilon()
-                for t in self.outer_step():
-                    counts[t] = counts.get(t, 0) + 1
-                s.step += 1
-                s.elapsed_s = e_mark + (time.perf_counter() - t_mark)
-                if s.step % mc.eval_every == 0 or s.step == mc.outer_steps:
-                    row = {"step": s.step, "epsilon": eps, "inner_lr": self.inner_lr()}
-                    row |= {f"n_{t}": n for t, n in counts.items()}
-                    self._evaluate(row)  # validation counts towards the clock, as in ordinary training
-                    s.elapsed_s = row["elapsed_s"] = e_mark + (time.perf_counter() - t_mark)
-                    s.history.append(row)
-                    counts = {}
-                    if time.perf_counter() - self._last_checkpoint >= self.tc.checkpoint_interval_s:
-                        self.save_checkpoint()
-                bar.update(1)
-        finally:
-            bar.close()
-        if self.val is None or s.best_step < 0:
-            self.save_best_model()
-        self.save_checkpoint()
-        return s
+    def best_model(self) -> dict[str, Any]:
+        return model_dict(self.model, self.model_config, self.metadata | {"outer_step": self.state.step})
 
 
 @dataclass
@@ -320,7 +229,7 @@ class MetaResult:
 
     model: Potential
     path: Path
-    state: MetaState
+    state: TrainState
     tasks: dict[str, int]
 
 
@@ -345,14 +254,14 @@ def meta_train(
     geometry = data_geometry(cfg)
     all_train = PackedData(train_ds, model.cutoff, names, dtype=dtype, **geometry)
     refs = model.fit_reference_energies(all_train)
-    tasks = {t: PackedData(restrict(train_ds, [t]), model.cutoff, names, dtype=dtype, **geometry) for t in names}
+    tasks = {t: PackedData(train_ds.restrict([t]), model.cutoff, names, dtype=dtype, **geometry) for t in names}
     val = (PackedData(val_ds, model.cutoff, names, dtype=dtype, **geometry)
            if val_ds is not None and len(val_ds) else None)
     meta = geometry | {"strategy": "reptile", "tasks": {t: d.n_frames for t, d in tasks.items()},
             "reference_energies_eV": {f: dict(zip(model.species, r)) for f, r in refs.items()},
             "meta": asdict(mc)}
     model = model.to(dtype=dtype, device=resolve_device(tc.device, "training.device"))
-    trainer = ReptileTrainer(model, tasks, val, tc, mc, out, model_cfg, meta, progress=cfg.output.progress)
+    trainer = ReptileTrainer(model, tasks, val, tc, mc, out, meta, progress=cfg.output.progress)
     state = trainer.fit(resume=resume)
     best = load_model(out / BEST_MODEL, dtype=dtype, device=tc.device)
     return MetaResult(best, out / BEST_MODEL, state, meta["tasks"])
@@ -361,7 +270,7 @@ def meta_train(
 def run_meta_training(config: Config | dict | str | Path, resume: bool = False) -> MetaResult:
     """`polyfid meta-train`: data from the configuration (each fidelity a task), Reptile,
     validation and test errors per task in out/results.json."""
-    from polyfid.train.run import _metrics, build_datasets
+    from polyfid.train.run import build_datasets, metrics_of
 
     cfg = config if isinstance(config, Config) else load_config(config)
     resolve_device(cfg.training.device, "training.device")  # before the data are read
@@ -375,7 +284,7 @@ def run_meta_training(config: Config | dict | str | Path, resume: bool = False) 
     dtype, dev = DTYPES[cfg.training.dtype], cfg.training.device
     summary = {"strategy": "reptile", "tasks": res.tasks, "outer_steps": res.state.step,
                "train_s": res.state.elapsed_s, "stopped": res.state.stopped, "best_step": res.state.best_step,
-               "validation": public(_metrics(res.model, val_ds, dtype, dev)),
-               "test": public(_metrics(res.model, test_ds, dtype, dev))}
+               "validation": public(metrics_of(res.model, val_ds, dtype, dev)),
+               "test": public(metrics_of(res.model, test_ds, dtype, dev))}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     return res

@@ -24,7 +24,8 @@ from polyfid.models import DeltaPotential, Potential
 from polyfid.neighbors.checks import check_frames, model_geometry
 from polyfid.numerics import resolve_device, set_threads
 from polyfid.train.config import Config, DataConfig, DatasetSpec, load_config
-from polyfid.train.strategies import DTYPES, data_geometry, fit_strategy
+from polyfid.train.stage import DTYPES, data_geometry
+from polyfid.train.strategies import fit_strategy
 
 
 def load_spec(spec: DatasetSpec) -> Dataset:
@@ -84,7 +85,7 @@ class RunResult:
     target: str = ""
 
 
-def _metrics(model: Potential | DeltaPotential, ds: Dataset | None, dtype: torch.dtype, device: str) -> dict:
+def metrics_of(model: Potential | DeltaPotential, ds: Dataset | None, dtype: torch.dtype, device: str) -> dict:
     """Errors per fidelity the model has; labels at other fidelities are ignored."""
     if ds is None or not len(ds) or not set(ds.fidelities) & set(model.fidelities):
         return {"_arrays": {}}
@@ -117,8 +118,8 @@ def run_training(config: Config | dict | str | Path, resume: bool = False) -> Ru
     check_frames(test_ds, **data_geometry(cfg), name=test_ds.name)  # now, not after hours of training
     res = fit_strategy(cfg, train_ds, val_ds, out, resume=resume)
     best = res.model
-    val_metrics = _metrics(best, val_ds, dtype, tc.device)
-    test_metrics = _metrics(best, test_ds, dtype, tc.device)
+    val_metrics = metrics_of(best, val_ds, dtype, tc.device)
+    test_metrics = metrics_of(best, test_ds, dtype, tc.device)
     last = list(res.stages.values())[-1]
     summary = {
         "strategy": res.strategy, "target": res.target, "fidelities": list(best.fidelities),

@@ -1,20 +1,17 @@
-"""The training loop: Adam, schedules (plateau; cosine over epochs, optimiser steps or a wall-clock budget),
-early stopping, gradient clipping, EMA, CSV and TensorBoard logs, atomic checkpoints.
+"""The supervised step of the run loop: Adam on energies, forces and stress at every fidelity,
+schedules (plateau; cosine over epochs, optimiser steps or a wall-clock budget), the final
+energy weight, gradient clipping and divergence checks, EMA. The run itself (budgets,
+checkpoints, resume, validation, best model, early stopping, logs) is `polyfid.train.loop`.
 
-Resuming is exact: the batch order of epoch e is a function of (seed, e) only, and each
-epoch's end (or, with checkpoint_interval_s, the first epoch end after that many seconds)
-writes weights, optimiser, EMA and schedule state atomically. A run killed at any moment
-restarts from the last checkpoint and redoes the same steps.
+Resuming is exact: the batch order of epoch e is a function of (seed, e) only, and a
+checkpoint holds weights, optimiser, EMA and schedule state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,52 +20,14 @@ import torch
 
 from polyfid.analysis.metrics import error_metrics
 from polyfid.data.batch import PackedData
-from polyfid.errors import ConfigError, TrainingDiverged
-from polyfid.models import atomic_write, checkpoint_error, model_dict, nonfinite_weights, read_checkpoint
+from polyfid.errors import TrainingDiverged
+from polyfid.models import model_dict
 from polyfid.models.potential import Potential
-from polyfid.numerics import flush_denormals, resolve_device
+from polyfid.numerics import resolve_device
 from polyfid.train.config import TrainingConfig
 from polyfid.train.ema import EMA
+from polyfid.train.loop import CHECKPOINT, Budget, RunLoop, batch_order, cosine_lr
 from polyfid.train.losses import loss_terms, total_loss
-
-CHECKPOINT = "checkpoint.pt"
-BEST_MODEL = "model.pt"
-
-
-def cosine_lr(lr: float, min_lr: float, frac: float) -> float:
-    """Cosine decay from lr to min_lr as the used fraction of the budget goes from 0 to 1."""
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * frac))
-
-
-@dataclass
-class TrainState:
-    """Everything besides tensors that a resumed run needs."""
-
-    epoch: int = 0  # epochs finished
-    step: int = 0  # optimiser steps taken
-    elapsed_s: float = 0.0  # wall-clock seconds of training so far (budget clock)
-    lr: float = 0.0
-    best_val: float = math.inf
-    best_epoch: int = -1
-    plateau_bad: int = 0
-    early_bad: int = 0
-    stopped: str = ""
-    history: list[dict[str, float]] = field(default_factory=list)
-    # steps taken in the final (energy-weight) phase after a step before it; -1: no step before it yet
-    final_steps: int = -1
-
-
-def batch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None = None,
-                size: int | None = None) -> np.ndarray:
-    """Frame order of one epoch: a function of (seed, epoch) only, so resuming repeats it.
-
-    With `weights` (n,), `size` (default n) frames are drawn with replacement in proportion to
-    them (the sampling ratio between data sets); without, a permutation of the n frames."""
-    rng = np.random.default_rng([seed, epoch])
-    if weights is None:
-        return rng.permutation(n)
-    return rng.choice(n, size=size or n, replace=True, p=weights / weights.sum())
-
 
 #: frames of a diverged batch named in the message
 LISTED_FRAMES = 5
@@ -106,17 +65,6 @@ def clip_and_check(
         f"training diverged at step {step}: {what}, on a batch of frames {listed}{kept}. Lower training.lr "
         f"(now {lr:g}), set or lower training.grad_clip (now {grad_clip}), or look at these frames for atoms "
         "too close together (raise data.min_distance) or wrong labels")
-
-
-def require_finite(d: dict[str, Any], what: str, step: int) -> None:
-    """Raise TrainingDiverged, naming the step and the options, if the model description or
-    checkpoint `d` holds non-finite weights (`polyfid.models.nonfinite_weights`, which
-    atomic_write also refuses, with a ModelFileError that knows nothing of training)."""
-    bad = nonfinite_weights(d)
-    if bad:
-        raise TrainingDiverged(f"training diverged by step {step}: {what} would hold non-finite weights "
-                               f"({', '.join(bad[:6])}); it is not written. Lower training.lr or set "
-                               "training.grad_clip")
 
 
 #: steps at the start of the final phase whose squared gradients floor Adam's second moments
@@ -171,13 +119,59 @@ def validation_loss(metrics: dict[str, Any], cfg: TrainingConfig, fidelities: li
     return loss
 
 
-class Trainer:
-    """Trains `model` on `train`, validating on `val`; writes into `out`.
 
-    model_config and metadata go into the model file written for the best validation loss.
+def training_budget(cfg: TrainingConfig) -> Budget:
+    """The run loop's budget of a training section: the schedule counts optimiser steps when
+    max_steps is set, else wall-clock seconds when max_time_s is set, else epochs."""
+    by = "steps" if cfg.max_steps else "time" if cfg.max_time_s else "epochs"
+    return Budget(epochs=cfg.epochs, max_steps=cfg.max_steps, max_time_s=cfg.max_time_s, schedule_by=by,
+                  eval_every=cfg.eval_every, early_stopping_patience=cfg.early_stopping_patience,
+                  checkpoint_interval_s=cfg.checkpoint_interval_s, flush_denormal=cfg.flush_denormal)
+
+
+@dataclass
+class StepOptions:
+    """What a stage adds to the supervised step.
+
     frame_weights (n_train,): sampling weights of the training frames (None: uniform);
-    regularizer: a function of no arguments returning a scalar added to every step's loss.
-    """
+    regularizer: a function of no arguments returning a scalar added to every step's loss;
+    progress, tensorboard: a progress bar, TensorBoard event files."""
+
+    frame_weights: np.ndarray | None = None
+    regularizer: Callable[[], torch.Tensor] | None = None
+    progress: bool = True
+    tensorboard: bool = False
+
+
+class TermSums:
+    """An epoch's training terms: each term summed over steps, and each level's own term over
+    the steps whose batches had its labels."""
+
+    def __init__(self, fidelities: list[str]) -> None:
+        self.fids = fidelities
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], heads: list[int],
+            dheads: list[int] | None) -> None:
+        for key, v in terms.items():
+            v = v.detach()
+            self.sums[key] = self.sums.get(key, 0.0) + float(v.sum())
+            if len(self.fids) > 1:  # each level's own term too
+                for c, x in zip(heads if key == "energy" else dheads, v.tolist()):
+                    name = f"{key}_{self.fids[c]}"
+                    self.sums[name] = self.sums.get(name, 0.0) + x
+                    self.counts[name] = self.counts.get(name, 0) + 1
+        self.sums["loss"] = self.sums.get("loss", 0.0) + float(loss.detach())
+
+    def means(self, steps: int) -> dict[str, float]:
+        return {f"train_{k}": v / max(self.counts.get(k, steps), 1) for k, v in self.sums.items()}
+
+
+class Trainer(RunLoop):
+    """Trains `model` on `train`, validating on `val`, as `cfg` says; writes into `out`.
+
+    model_config and metadata go into the model file written for the best validation loss."""
 
     def __init__(
         self,
@@ -188,19 +182,15 @@ class Trainer:
         out: str | Path,
         model_config: dict[str, Any],
         metadata: dict[str, Any] | None = None,
-        progress: bool = True,
-        tensorboard: bool = False,
-        frame_weights: np.ndarray | None = None,
-        regularizer: Callable[[], torch.Tensor] | None = None,
+        options: StepOptions | None = None,
     ) -> None:
-        self.model, self.train, self.val, self.cfg = model, train, val, cfg
-        self.frame_weights, self.regularizer = frame_weights, regularizer
-        if frame_weights is not None and len(frame_weights) != train.n_frames:
-            raise ValueError(f"{len(frame_weights)} sampling weights for {train.n_frames} training frames")
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        opts = options or StepOptions()
+        super().__init__(model, training_budget(cfg), out, opts.progress, opts.tensorboard)
+        self.train, self.val, self.cfg = train, val, cfg
+        self.frame_weights, self.regularizer = opts.frame_weights, opts.regularizer
+        if self.frame_weights is not None and len(self.frame_weights) != train.n_frames:
+            raise ValueError(f"{len(self.frame_weights)} sampling weights for {train.n_frames} training frames")
         self.model_config, self.metadata = model_config, dict(metadata or {})
-        self.progress, self.tensorboard = progress, tensorboard
         self.device = resolve_device(cfg.device, "training.device")
         self.dtype = next(model.parameters()).dtype
         params = self._params = [p for p in model.parameters() if p.requires_grad]
@@ -209,21 +199,14 @@ class Trainer:
         except (RuntimeError, TypeError):  # fused kernels missing for this device/dtype
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
-        self.state = TrainState(lr=cfg.lr)
-        self._writer = None
-        self._last_checkpoint = -float("inf")
+        self.state.lr = cfg.lr
         self._weight_cache: dict[bool, dict[str, torch.Tensor]] = {}
+        self._order = np.zeros(0, dtype=np.int64)
+        self._sums = TermSums(train.fidelities)
+        self._needs = (cfg.force_weight > 0 and bool(train.forces_mask.any()),
+                       cfg.stress_weight > 0 and bool(train.stress_mask.any()))
 
-    # ---- schedule ---------------------------------------------------------------------
-    def progress_fraction(self, step_in_epoch: int, steps_per_epoch: int) -> float:
-        """Fraction of the budget used: optimiser steps if max_steps is set, else wall-clock if
-        max_time_s is set, else epochs."""
-        if self.cfg.max_steps:
-            return min(self.state.step / self.cfg.max_steps, 1.0)
-        if self.cfg.max_time_s:
-            return min(self.state.elapsed_s / self.cfg.max_time_s, 1.0)
-        return min((self.state.epoch + step_in_epoch / steps_per_epoch) / self.cfg.epochs, 1.0)
-
+    # ---- schedule -------------------------------------------------------------------------
     def _lr(self, frac: float) -> float:
         c = self.cfg
         if c.scheduler == "cosine":
@@ -270,65 +253,48 @@ class Trainer:
                     if p.grad is not None and st and "exp_avg_sq" in st:
                         torch.maximum(st["exp_avg_sq"], p.grad.square(), out=st["exp_avg_sq"])
 
-    # ---- one epoch --------------------------------------------------------------------
-    def _needs(self) -> tuple[bool, bool]:
-        forces = self.cfg.force_weight > 0 and bool(self.train.forces_mask.any())
-        stress = self.cfg.stress_weight > 0 and bool(self.train.stress_mask.any())
-        return forces, stress
-
-    def train_epoch(self, t_start: float, elapsed_start: float) -> dict[str, float]:
-        """One pass over the training frames; returns mean loss terms."""
+    # ---- the step -------------------------------------------------------------------------
+    def begin_epoch(self) -> int:
         self.model.train()
-        order = batch_order(self.train.n_frames, self.cfg.seed, self.state.epoch, self.frame_weights,
-                            self.cfg.epoch_frames)
-        bs = self.cfg.batch_size
-        n_steps = math.ceil(len(order) / bs)
-        forces, stress = self._needs()
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        n_done = 0
-        for k in range(n_steps):
-            self.state.elapsed_s = elapsed_start + (time.perf_counter() - t_start)
-            if self.cfg.max_time_s and self.state.elapsed_s >= self.cfg.max_time_s:
-                break
-            if self.cfg.max_steps and self.state.step >= self.cfg.max_steps:
-                break
-            frac = self.progress_fraction(k, n_steps)
-            lr = self._lr(frac)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            idx = order[k * bs : (k + 1) * bs]
-            batch = self.train.batch(idx).to(self.device)
-            loss, terms, heads, dheads = step_loss(
-                self.model, batch, self._weights(frac), forces, stress, self.cfg.loss, self.cfg.huber_delta,
-                self.cfg.loss_balance)
-            if self.regularizer is not None:
-                loss = loss + self.regularizer()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_and_check(loss, self._params, self.cfg.grad_clip, self.state.step,
-                           [self.train.sources[int(b)] for b in idx], lr, self.out / CHECKPOINT)
-            self._second_moment_floor(self._final(frac))
-            self.optimizer.step()
-            self.state.step += 1
-            if self.ema is not None:
-                self.ema.update()
-            fids = self.train.fidelities
-            for key, v in terms.items():
-                v = v.detach()
-                sums[key] = sums.get(key, 0.0) + float(v.sum())
-                if len(fids) > 1:  # each level's own term too
-                    cols = heads if key == "energy" else dheads
-                    for c, x in zip(cols, v.tolist()):
-                        sums[f"{key}_{fids[c]}"] = sums.get(f"{key}_{fids[c]}", 0.0) + x
-                        counts[f"{key}_{fids[c]}"] = counts.get(f"{key}_{fids[c]}", 0) + 1
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            n_done += 1
-        self.state.elapsed_s = elapsed_start + (time.perf_counter() - t_start)
-        # a level's own terms are averaged over the steps whose batches had its labels
-        return {f"train_{k}": v / max(counts.get(k, n_done), 1) for k, v in sums.items()} | {"train_steps": n_done}
+        self._order = batch_order(self.train.n_frames, self.cfg.seed, self.state.epoch, self.frame_weights,
+                                  self.cfg.epoch_frames)
+        self._sums = TermSums(self.train.fidelities)
+        return -(-len(self._order) // self.cfg.batch_size)
 
-    # ---- validation -------------------------------------------------------------------
+    def train_step(self, k: int, frac: float) -> None:
+        lr = self._lr(frac)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        bs = self.cfg.batch_size
+        idx = self._order[k * bs : (k + 1) * bs]
+        batch = self.train.batch(idx).to(self.device)
+        loss, terms, heads, dheads = step_loss(
+            self.model, batch, self._weights(frac), *self._needs, self.cfg.loss, self.cfg.huber_delta,
+            self.cfg.loss_balance)
+        if self.regularizer is not None:
+            loss = loss + self.regularizer()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_and_check(loss, self._params, self.cfg.grad_clip, self.state.step,
+                       [self.train.sources[int(b)] for b in idx], lr, self.out / CHECKPOINT)
+        self._second_moment_floor(self._final(frac))
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        self._sums.add(loss, terms, heads, dheads)
+
+    def end_epoch(self, done: int) -> dict[str, float]:
+        return self._sums.means(done) | {"train_steps": done}
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def after_validation(self, improved: bool) -> None:
+        s, c = self.state, self.cfg
+        if not improved and c.scheduler == "plateau" and s.plateau_bad >= c.plateau_patience:
+            s.lr = max(s.lr * c.plateau_factor, c.min_lr)
+            s.plateau_bad = 0
+
     def validate(self) -> dict[str, float]:
         """Validation loss (base weights) and errors per fidelity, with EMA weights."""
         if self.val is None:
@@ -336,177 +302,21 @@ class Trainer:
         self.model.eval()
         with self.ema.applied() if self.ema else contextlib.nullcontext():
             m = error_metrics(self.model, self.val, batch_size=max(self.cfg.batch_size, 64), device=self.device)
-        out: dict[str, float] = {}
-        for fid in self.val.fidelities:
-            for key, v in m.get(fid, {}).items():
-                out[f"val_{fid}_{key}"] = v
+        out = {f"val_{fid}_{key}": v for fid in self.val.fidelities for key, v in m.get(fid, {}).items()}
         out["val_loss"] = validation_loss(m, self.cfg, self.val.fidelities)
         return out
 
-    # ---- checkpoints ------------------------------------------------------------------
-    def checkpoint_dict(self) -> dict[str, Any]:
-        s = self.state
-        return {
-            # what the weights mean: a resumed run must have the same (checked in load_checkpoint)
-            "species": list(getattr(self.model, "species", [])),
-            "fidelities": list(getattr(self.model, "fidelities", [])),
-            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "state": {
-                "epoch": s.epoch,
-                "step": s.step,
-                "final_steps": s.final_steps,
-                "elapsed_s": s.elapsed_s,
-                "lr": s.lr,
-                "best_val": s.best_val,
-                "best_epoch": s.best_epoch,
-                "plateau_bad": s.plateau_bad,
-                "early_bad": s.early_bad,
-                "stopped": s.stopped,
-                "history": s.history,
-            },
-        }
+    # ---- what a checkpoint and the model file hold -----------------------------------------
+    def payload(self) -> dict[str, Any]:
+        return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict() if self.ema else None}
 
-    def save_checkpoint(self) -> None:
-        self._flush_logs()
-        d = self.checkpoint_dict()
-        require_finite(d, str(self.out / CHECKPOINT), self.state.step)
-        atomic_write(d, self.out / CHECKPOINT, durable=False)
-        self._last_checkpoint = time.perf_counter()
+    def load_payload(self, d: dict[str, Any]) -> None:
+        self.model.load_state_dict(d["model"])
+        self.optimizer.load_state_dict(d["optimizer"])
+        if self.ema is not None and d["ema"] is not None:
+            self.ema.load_state_dict(d["ema"])
 
-    def load_checkpoint(self) -> bool:
-        """Restore from out/checkpoint.pt if present; returns whether it was."""
-        path = self.out / CHECKPOINT
-        ck = read_checkpoint(path, self.device)  # ModelFileError for a damaged one: never silently start over
-        if ck is None:
-            return False
-        for key in ("species", "fidelities"):  # absent from checkpoints of earlier versions
-            have = list(getattr(self.model, key, []))
-            if key in ck and list(ck[key]) != have:
-                raise ConfigError(
-                    f"--resume: {path} was written for {key} {list(ck[key])}, and this run's data give {have}: its "
-                    f"weights would stand for other {'elements' if key == 'species' else 'levels'}. Resume with the "
-                    "configuration that wrote it, or train into another output.dir")
-        try:
-            self.model.load_state_dict(ck["model"])
-            self.optimizer.load_state_dict(ck["optimizer"])
-            if self.ema is not None and ck["ema"] is not None:
-                self.ema.load_state_dict(ck["ema"])
-            st = ck["state"]
-            # checkpoints written before step budgets lack step and final_steps: the defaults
-            self.state = TrainState(**{k: st[k] for k in TrainState.__dataclass_fields__ if k in st})
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            detail = " ".join(str(e).split())[:400]
-            raise checkpoint_error(path, f"checkpoint {path} does not fit this run (written with other options, or "
-                                         f"damaged): {type(e).__name__}: {detail}") from None
-        return True
-
-    def save_best_model(self) -> None:
+    def best_model(self) -> dict[str, Any]:
         with self.ema.applied() if self.ema else contextlib.nullcontext():
-            d = model_dict(self.model, self.model_config, self.metadata | {"epoch": self.state.epoch})
-        require_finite(d, str(self.out / BEST_MODEL), self.state.step)
-        atomic_write(d, self.out / BEST_MODEL)
-
-    # ---- logs -------------------------------------------------------------------------
-    def _log(self, row: dict[str, float]) -> None:
-        self.state.history.append(row)
-        if self.tensorboard:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=int(row["epoch"]))
-            for k, v in row.items():
-                if k != "epoch":
-                    self._writer.add_scalar(k, v, int(row["epoch"]))
-
-    def _flush_logs(self) -> None:
-        """metrics.csv (rewritten whole: columns may appear later) and TensorBoard to disk."""
-        keys: list[str] = []
-        for r in self.state.history:
-            keys += [k for k in r if k not in keys]
-        # a fixed temporary name: a write killed here leaves it, and the next flush overwrites and renames it
-        tmp = self.out / "metrics.csv.tmp"
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.state.history)
-        tmp.replace(self.out / "metrics.csv")
-        if self._writer is not None:
-            self._writer.flush()
-
-    # ---- main loop --------------------------------------------------------------------
-    def _after_validation(self, val: dict[str, float]) -> None:
-        s, c = self.state, self.cfg
-        if not val:
-            return
-        if val["val_loss"] < s.best_val * (1 - 1e-6):
-            s.best_val, s.best_epoch, s.plateau_bad, s.early_bad = val["val_loss"], s.epoch, 0, 0
-            self.save_best_model()
-            return
-        s.plateau_bad += 1
-        s.early_bad += 1
-        if c.scheduler == "plateau" and s.plateau_bad >= c.plateau_patience:
-            s.lr = max(s.lr * c.plateau_factor, c.min_lr)
-            s.plateau_bad = 0
-        if c.early_stopping_patience is not None and s.early_bad >= c.early_stopping_patience:
-            s.stopped = "early stopping"
-
-    def fit(self, resume: bool = False) -> TrainState:
-        """Train until the epoch limit, the step limit, the time budget or early stopping; returns the state.
-
-        With resume=True, continue from out/checkpoint.pt (if there is one). Subnormal floats
-        are flushed to zero meanwhile where cfg.flush_denormal says so (polyfid.numerics)."""
-        with flush_denormals(self.cfg.flush_denormal):
-            return self._fit(resume)
-
-    def _fit(self, resume: bool) -> TrainState:
-        if resume and self.load_checkpoint():
-            print(f"resuming from {self.out / CHECKPOINT} after epoch {self.state.epoch}")
-            if self.state.stopped in ("epoch limit", "step limit", "time budget"):
-                self.state.stopped = ""  # the limits may have been raised: re-checked below
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=None if self.cfg.max_steps else self.cfg.epochs, initial=self.state.epoch,
-                   disable=not self.progress, unit="epoch")
-        try:
-            while not self.state.stopped:
-                if not self.cfg.max_steps and self.state.epoch >= self.cfg.epochs:  # max_steps replaces it
-                    self.state.stopped = "epoch limit"
-                    break
-                if self.cfg.max_time_s and self.state.elapsed_s >= self.cfg.max_time_s:
-                    self.state.stopped = "time budget"
-                    break
-                if self.cfg.max_steps and self.state.step >= self.cfg.max_steps:
-                    self.state.stopped = "step limit"
-                    break
-                t0, e0 = time.perf_counter(), self.state.elapsed_s
-                row: dict[str, float] = {"epoch": self.state.epoch + 1}
-                row |= self.train_epoch(t0, e0)
-                row["lr"] = self.optimizer.param_groups[0]["lr"]
-                self.state.epoch += 1
-                last = (self.state.step == self.cfg.max_steps if self.cfg.max_steps
-                        else self.state.epoch == self.cfg.epochs)
-                if self.state.epoch % self.cfg.eval_every == 0 or last:
-                    val = self.validate()
-                    row |= val
-                    self._after_validation(val)
-                self.state.elapsed_s = e0 + (time.perf_counter() - t0)
-                row["elapsed_s"] = self.state.elapsed_s
-                self._log(row)
-                if time.perf_counter() - self._last_checkpoint >= self.cfg.checkpoint_interval_s:
-                    self.save_checkpoint()
-                bar.update(1)
-                bar.set_postfix({k.removeprefix("val_"): f"{v:.3g}" for k, v in row.items() if "mae" in k})
-        finally:
-            bar.close()
-            if self._writer is not None:
-                self._writer.close()
-        # never validated (no validation set, or eval_every beyond the run): the final weights;
-        # a model.pt left in the folder by an earlier run must not stand in for them
-        if self.val is None or self.state.best_epoch < 0:
-            self.save_best_model()
-        self.save_checkpoint()
-        return self.state
-
-
+            return model_dict(self.model, self.model_config, self.metadata | {"epoch": self.state.epoch})

@@ -12,9 +12,10 @@ from conftest import toy_dataset
 from polyfid.data.batch import PackedData
 from polyfid.descriptors.ace import ACEBasis, ace_counts
 from polyfid.descriptors.moments import InverseGaussianRadial, atomic_base
-from polyfid.descriptors.network import DescriptorNetwork, predict, train_descriptor_network
+from polyfid.descriptors.network import DescriptorNetwork, predict
 from polyfid.invariants import random_points, rank_of
 from polyfid.invariants.jacobian import coordinates_from_tensors, evaluate
+from polyfid.train.descriptor import DescriptorTraining, train_descriptor_network
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,6 @@ def test_descriptor_network_learns(basis):
     net.fit_statistics(data)
     ref = data.batch(np.arange(data.n_frames)).forces[:, 0].numpy()
     before = np.abs(predict(net, data)[1] - ref).mean()
-    train_descriptor_network(net, data, budget_s=4.0, batch_size=8, lr=5e-3)
+    train_descriptor_network(net, data, DescriptorTraining(budget_s=4.0, batch_size=8, lr=5e-3))
     after = np.abs(predict(net, data)[1] - ref).mean()
     assert after < 0.7 * before

@@ -12,6 +12,7 @@ from conftest import toy_dataset, toy_molecules
 from polyfid.api import predict
 from polyfid.data.batch import single_frame_batch
 from polyfid.models import BranchedPotential, Potential, build_potential
+from polyfid.train.config import FinetuneOptions
 from polyfid.train.finetune import anchor_penalty, finetune
 
 SMALL = {"architecture": "hipnn", "n_features": 8, "n_sensitivities": 4, "cutoff": 3.0, "n_interactions": 2,
@@ -42,7 +43,8 @@ def test_finetuning_the_heads_of_a_branched_model_keeps_the_old_levels(tmp_path)
     ds = toy_dataset(12, seed=2, fidelity="new")
     mols = toy_molecules(2, seed=7)
     before = {f: predict(model, mols, fidelity=f) for f in ("lo", "hi")}
-    res = finetune(model, ds, tmp_path / "ft", trainable="head", warmup_steps=0, steps=8, batch_size=4)
+    res = finetune(model, ds, tmp_path / "ft", FinetuneOptions(trainable="head", warmup_steps=0, steps=8,
+                                                             training={"batch_size": 4}))
     assert res.model.fidelities == ["lo", "hi", "new"] and isinstance(res.model, BranchedPotential)
     for f in ("lo", "hi"):
         for a, b in zip(predict(res.model, mols, fidelity=f), before[f]):

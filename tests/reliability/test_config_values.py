@@ -20,6 +20,10 @@ from polyfid.numerics import resolve_device
 from polyfid.train.config import (
     Config,
     DataConfig,
+    FinetuneConfig,
+    FinetuneData,
+    FinetuneOptions,
+    FinetuneOutput,
     MetaConfig,
     ModelConfig,
     StrategyConfig,
@@ -27,6 +31,7 @@ from polyfid.train.config import (
     documented_defaults,
     from_dict,
     load_config,
+    load_finetune_config,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -240,27 +245,32 @@ def test_one_device_resolution(tmp_path) -> None:
 
 
 def test_finetune_options_are_checked(tmp_path, capsys) -> None:
-    from polyfid.train.finetune import check_finetune_options, finetune
+    from polyfid.train.config import FinetuneOptions
+    from polyfid.train.finetune import finetune
 
     for kwargs, message in (({"steps": 0}, r"finetune\.steps: must be >= 1, got 0"),
                             ({"warmup_steps": -1}, r"finetune\.warmup_steps: must be >= 0"),
                             ({"anchor": -1.0}, r"finetune\.anchor: must be >= 0"),
                             ({"replay_share": 1.0}, r"finetune\.replay_share: must be in \(0, 1\)"),
                             ({"val_fraction": 1.0}, r"finetune\.val_fraction: must be in \[0, 1\)"),
-                            ({"trainable": "some"}, r"finetune\.trainable: expected all, last or head"),
-                            ({"lr": -1e-3}, r"finetune\.training\.lr: must be > 0"),
-                            ({"grad_clip": -1}, r"finetune\.training\.grad_clip: must be > 0 or null")):
+                            ({"seed": -1}, r"finetune\.seed: must be in \[0, 2\^64\)"),
+                            ({"trainable": "some"}, r"finetune\.trainable: 'some' is not one of"),
+                            ({"training": {"lr": -1e-3}}, r"finetune\.training\.lr: must be > 0"),
+                            ({"training": {"grad_clip": -1}}, r"finetune\.training\.grad_clip: must be > 0 or null"),
+                            ({"training": {"seed": 2}}, r"finetune\.training\.seed: set \S*finetune\.seed")):
         with pytest.raises(ConfigError, match=message):  # before the (missing) model file is read
-            finetune(tmp_path / "missing.pt", None, tmp_path / "out", **kwargs)
-    check_finetune_options(steps=10, anchor=0.0, training={"lr": 1e-4})
-    for argv, message in ((["--lr", "-1"], "--lr: must be > 0, got -1"),
-                          (["--steps", "0"], "--steps: must be >= 1, got 0"),
-                          (["--warmup-steps", "-5"], "--warmup-steps: must be >= 0"),
-                          (["--threads", "0"], "--threads: must be in [1, 1024] or null, got 0"),
-                          (["--max-time-s", "0"], "--max-time-s: must be > 0 (s) or null"),
-                          (["--replay-share", "2"], "--replay-share: must be in (0, 1)")):
-        assert main(["finetune", str(tmp_path / "missing.pt"), str(tmp_path / "missing.xyz"), *argv]) == 2
-        assert message in capsys.readouterr().err
+            finetune(tmp_path / "missing.pt", None, tmp_path / "out", FinetuneOptions(**kwargs))
+        with pytest.raises(ConfigError, match=message.replace("finetune", "config.finetune", 1)):
+            load_finetune_config({"model": "m.pt", "finetune": kwargs})
+    for argv, message in ((["--lr", "-1"], "--lr: must be a finite number > 0, got -1"),
+                          (["--steps", "0"], "--steps: must be a whole number >= 1, got 0"),
+                          (["--warmup-steps", "-5"], "--warmup-steps: must be a whole number >= 0"),
+                          (["--threads", "0"], "--threads: must be in [1, 1024], got 0"),
+                          (["--max-time-s", "0"], "--max-time-s: must be a finite number > 0"),
+                          (["--replay-share", "2"], "--replay-share: must be a number in (0, 1)")):
+        with pytest.raises(SystemExit) as stop:  # at parsing, before any file is read
+            main(["finetune", str(tmp_path / "missing.pt"), str(tmp_path / "missing.xyz"), *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 # ---- any value for any option: a Config or a ConfigError, nothing else ----------------------
@@ -281,32 +291,48 @@ VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=
                                                            inner, max_size=3)), max_leaves=6)
 
 
-@settings(derandomize=True, max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(OPTIONS), VALUES), min_size=1, max_size=4))
-def test_any_value_gives_a_config_or_a_config_error(assignments) -> None:
-    d: dict = {}
+FINETUNE_OPTIONS = _options(FinetuneConfig) + [("finetune", "training"), ("data", "replay")]
+
+
+def _config_or_error(cls: type, assignments, d: dict) -> None:
     for path, value in assignments:
         node = d
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = value
     try:
-        cfg = from_dict(Config, d)
+        cfg = from_dict(cls, d)
     except ConfigError:
         return
-    assert isinstance(cfg, Config)
+    assert isinstance(cfg, cls)
+
+
+@settings(derandomize=True, max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(OPTIONS), VALUES), min_size=1, max_size=4))
+def test_any_value_gives_a_config_or_a_config_error(assignments) -> None:
+    _config_or_error(Config, assignments, {})
+
+
+@settings(derandomize=True, max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(FINETUNE_OPTIONS), VALUES), min_size=1, max_size=4))
+def test_any_fine_tuning_value_gives_a_config_or_a_config_error(assignments) -> None:
+    _config_or_error(FinetuneConfig, assignments, {"model": "m.pt"})
 
 
 # ---- what the repository ships loads ----------------------------------------------------------
 def test_defaults_and_documented_defaults_load() -> None:
-    for cls in (DataConfig, ModelConfig, TrainingConfig, StrategyConfig, MetaConfig):
+    sections = (DataConfig, ModelConfig, TrainingConfig, StrategyConfig, MetaConfig, FinetuneData, FinetuneOptions,
+                FinetuneOutput)
+    for cls in sections:
         from_dict(cls, {})
     # every default is inside its own declared range
-    for cls in (DataConfig, ModelConfig, TrainingConfig, StrategyConfig, MetaConfig):
+    for cls in sections:
         inst = cls()
         from_dict(cls, {f.name: getattr(inst, f.name) for f in fields(cls) if not is_dataclass(getattr(inst, f.name))})
     printed = yaml.safe_load(documented_defaults())
     assert load_config(printed).to_dict() == Config().to_dict()
+    printed = yaml.safe_load(documented_defaults(FinetuneConfig)) | {"model": "m.pt"}
+    assert load_finetune_config(printed).to_dict() == FinetuneConfig(model="m.pt").to_dict()
     assert "range > 0" in documented_defaults()
 
 

@@ -14,7 +14,8 @@ import polyfid.train.trainer as trainer_mod
 from polyfid.cli.main import main
 from polyfid.errors import TrainingDiverged
 from polyfid.models import read_checkpoint
-from polyfid.train.trainer import clip_and_check, require_finite
+from polyfid.train.loop import require_finite
+from polyfid.train.trainer import clip_and_check
 
 
 def _finite(sd: dict) -> bool:

@@ -16,8 +16,9 @@ import torch
 from conftest import two_level_data
 
 from polyfid.train.config import load_config
+from polyfid.train.loop import BEST_MODEL, CHECKPOINT
 from polyfid.train.strategies import fit_strategy
-from polyfid.train.trainer import BEST_MODEL, CHECKPOINT, Trainer
+from polyfid.train.trainer import Trainer
 
 MODEL = {"n_features": 8, "n_sensitivities": 4, "n_interactions": 2, "n_atom_layers": 1, "cutoff": 3.0}
 # 20 training frames, batches of 4: 5 steps an epoch; max_steps 12 ends inside epoch 3. With a

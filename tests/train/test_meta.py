@@ -16,10 +16,9 @@ from conftest import needs_ftz, toy_dataset, toy_molecules
 from polyfid.data.batch import PackedData
 from polyfid.data.frame import Dataset, Labels
 from polyfid.models import build_potential, load_model
-from polyfid.train.config import ConfigError, MetaConfig, TrainingConfig, load_config
+from polyfid.train.config import ConfigError, FinetuneOptions, MetaConfig, TrainingConfig, load_config
 from polyfid.train.finetune import add_head, finetune
 from polyfid.train.meta import ReptileTrainer, meta_train, reptile_update
-from polyfid.train.strategies import restrict
 
 TINY = {"n_features": 8, "n_sensitivities": 4, "n_interactions": 1, "n_atom_layers": 1, "cutoff": 3.0}
 
@@ -43,12 +42,11 @@ def trainer(tmp_path: Path, mc: MetaConfig | None = None, **tc) -> ReptileTraine
     ds = two_tasks()
     model = build_potential({"architecture": "hipnn", **TINY}, sorted(set(ds.elements)), ["a", "b"])
     fids = ["a", "b"]
-    tasks = {t: PackedData(restrict(ds, [t]), model.cutoff, fids, dtype=torch.float32) for t in fids}
+    tasks = {t: PackedData(ds.restrict([t]), model.cutoff, fids, dtype=torch.float32) for t in fids}
     model.fit_reference_energies(PackedData(ds, model.cutoff, fids))
     tcfg = TrainingConfig(batch_size=4, **tc)
     return ReptileTrainer(model, tasks, None, tcfg, mc or MetaConfig(inner_steps=3, inner_optimizer="sgd",
-                                                                    inner_lr=1e-2), tmp_path, dict(TINY),
-                          progress=False)
+                                                                    inner_lr=1e-2), tmp_path, progress=False)
 
 
 def test_reptile_update_formula():
@@ -192,6 +190,11 @@ def test_meta_train_refuses_a_single_task(tmp_path):
         meta_train(load_config(meta_cfg(tmp_path)), toy_dataset(8), None, tmp_path)
 
 
+def one_thread(**options) -> FinetuneOptions:
+    """Fine-tuning options, training on one thread."""
+    return FinetuneOptions(training={"num_threads": 1}, **options)
+
+
 @pytest.fixture
 def saved_model(tmp_path) -> Path:
     ds = two_tasks()
@@ -202,7 +205,7 @@ def saved_model(tmp_path) -> Path:
 def test_finetune_adds_a_head_without_touching_the_others(tmp_path, saved_model):
     source = load_model(saved_model)
     new_data = scaled(toy_dataset(12, seed=5), "c", 1.5, 0.7)  # level b's PES, other per-atom offsets
-    res = finetune(saved_model, new_data, tmp_path / "ft", steps=20, warmup_steps=5, num_threads=1)
+    res = finetune(saved_model, new_data, tmp_path / "ft", one_thread(steps=20, warmup_steps=5))
     m = res.model
     assert m.fidelities == ["a", "b", "c"] and m.default_fidelity == "c"
     assert res.source_head == "b"  # the head whose forces match best
@@ -216,7 +219,7 @@ def test_finetune_adds_a_head_without_touching_the_others(tmp_path, saved_model)
     assert any(not torch.equal(p, q) for p, q in zip(m.representation.parameters(),
                                                      source.representation.parameters()))
 
-    frozen = finetune(saved_model, new_data, tmp_path / "ft_head", steps=10, trainable="head", num_threads=1)
+    frozen = finetune(saved_model, new_data, tmp_path / "ft_head", one_thread(steps=10, trainable="head"))
     data = PackedData(new_data, source.cutoff, ["a", "b"], dtype=torch.float32)
     b = data.batch(np.arange(4))
     e_src = source(b, forces=False)["energy"]
@@ -228,7 +231,7 @@ def test_finetune_leaves_a_potential_passed_in_unchanged(tmp_path, saved_model):
     model = load_model(saved_model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = scaled(toy_dataset(12, seed=5), "b", 1.5, -2.0)  # a level it has: that head goes on training
-    res = finetune(model, data, tmp_path / "ft", steps=10, warmup_steps=0, num_threads=1)
+    res = finetune(model, data, tmp_path / "ft", one_thread(steps=10, warmup_steps=0))
     assert res.model is not model
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert any(not torch.equal(p, q) for p, q in zip(res.model.parameters(), model.parameters()))
@@ -290,8 +293,8 @@ def test_finetune_with_replay_trains_the_old_heads_alongside(tmp_path, saved_mod
 
     source = load_model(saved_model)
     new_data = scaled(toy_dataset(12, seed=5), "c", 1.5, 0.7)
-    res = finetune(saved_model, new_data, tmp_path / "ft", steps=12, warmup_steps=0, replay=two_tasks(8),
-                   num_threads=1)
+    res = finetune(saved_model, new_data, tmp_path / "ft", one_thread(steps=12, warmup_steps=0),
+                   replay=two_tasks(8))
     m = res.model
     assert m.fidelities == ["a", "b", "c"]
     rows = list(csv.DictReader((tmp_path / "ft" / "finetune" / "metrics.csv").open()))
@@ -302,15 +305,16 @@ def test_finetune_with_replay_trains_the_old_heads_alongside(tmp_path, saved_mod
     assert not torch.equal(m.readout.weight[0], source.readout.weight[0])
     assert not torch.equal(m.readout.weight[1], source.readout.weight[1])
     with pytest.raises(DataError, match=r"levels \['zz'\] that are not heads of the model"):
-        finetune(saved_model, new_data, tmp_path / "x", steps=2, replay=scaled(toy_dataset(4), "zz", 1.0))
+        finetune(saved_model, new_data, tmp_path / "x", FinetuneOptions(steps=2),
+                 replay=scaled(toy_dataset(4), "zz", 1.0))
     with pytest.raises(ConfigError, match="replay_share"):
-        finetune(saved_model, new_data, tmp_path / "y", steps=2, replay=two_tasks(4), replay_share=1.0)
+        finetune(saved_model, new_data, tmp_path / "y", FinetuneOptions(steps=2, replay_share=1.0), replay=two_tasks(4))
 
 
 def test_replay_share_and_epoch_length(tmp_path, saved_model):
     from polyfid.train.finetune import _with_replay
-    from polyfid.train.strategies import frame_weights
-    from polyfid.train.trainer import batch_order
+    from polyfid.train.loop import batch_order
+    from polyfid.train.stage import frame_weights
 
     source = load_model(saved_model)
     new_data = scaled(toy_dataset(10, seed=5), "c", 1.5, 0.7)
@@ -323,8 +327,8 @@ def test_replay_share_and_epoch_length(tmp_path, saved_model):
     assert len(order) == 50 and 0.05 < np.mean(order < 10) < 0.4
 
     # only the replay's levels train: a head without replay frames is put back as it was
-    res = finetune(saved_model, new_data, tmp_path / "ft", steps=6, warmup_steps=0,
-                   replay=restrict(two_tasks(8), ["a"]), num_threads=1)
+    res = finetune(saved_model, new_data, tmp_path / "ft", one_thread(steps=6, warmup_steps=0),
+                   replay=two_tasks(8).restrict(["a"]))
     assert torch.equal(res.model.readout.weight[1], source.readout.weight[1])  # b: no replay frames
     assert not torch.equal(res.model.readout.weight[0], source.readout.weight[0])  # a: trained
 
@@ -346,8 +350,8 @@ def test_anchor_pulls_the_backbone_towards_the_loaded_weights(tmp_path, saved_mo
     new_data = scaled(toy_dataset(12, seed=5), "c", 1.5, 0.7)
 
     def moved(anchor: float) -> float:
-        res = finetune(saved_model, new_data, tmp_path / f"a{anchor}", steps=30, warmup_steps=0, anchor=anchor,
-                       val_fraction=0.0, num_threads=1)
+        options = one_thread(steps=30, warmup_steps=0, anchor=anchor, val_fraction=0.0)
+        res = finetune(saved_model, new_data, tmp_path / f"a{anchor}", options)
         return sum(float((q - q0).detach().square().sum()) for q, q0 in zip(res.model.representation.parameters(),
                                                                    source.representation.parameters()))
 
@@ -360,7 +364,7 @@ def test_finetune_rejects_unknown_elements(tmp_path, saved_model):
     ds = scaled(toy_dataset(4), "c", 1.0)
     ds[0].numbers[0] = 7
     with pytest.raises(DataError, match=r"elements \[7\]"):
-        finetune(saved_model, ds, tmp_path / "x", steps=2)
+        finetune(saved_model, ds, tmp_path / "x", FinetuneOptions(steps=2))
 
 
 def test_meta_training_refuses_a_step_budget(tmp_path):

@@ -19,17 +19,17 @@ from polyfid.data.frame import Dataset, Frame, Labels
 from polyfid.errors import DataError
 from polyfid.models import BranchedPotential, DeltaPotential, Potential, build_potential, load_model
 from polyfid.train.config import ConfigError, TrainingConfig, load_config
+from polyfid.train.loop import batch_order
 from polyfid.train.run import run_training
+from polyfid.train.stage import frame_weights
 from polyfid.train.strategies import (
-    _with_target_share,  # noqa: E402
-    delta_dataset,
+    MultiHead,
+    StrategyRun,
     fit_strategy,
-    frame_weights,
     resolve_levels,
-    restrict,
     warm_start,
 )
-from polyfid.train.trainer import Trainer, batch_order
+from polyfid.train.trainer import StepOptions, Trainer
 
 MODEL = {"n_features": 8, "n_sensitivities": 4, "n_interactions": 1, "n_atom_layers": 1, "cutoff": 3.0}
 
@@ -118,7 +118,7 @@ def test_transfer_head_only_keeps_the_representation(tmp_path) -> None:
 
 def test_delta_targets_are_differences_on_shared_frames() -> None:
     ds = two_level_data(n=6, n_hi=3)
-    d = delta_dataset(ds, "hi", "lo")
+    d = ds.delta("hi", "lo")
     assert len(d) == 3 and d.fidelities == ["hi"]
     for k in range(3):
         assert np.isclose(d[k].labels["hi"].energy, ds[k].labels["hi"].energy - ds[k].labels["lo"].energy)
@@ -130,11 +130,11 @@ def test_levels_resolve_from_the_data_and_bad_names_fail() -> None:
     cfg = load_config({"strategy": {"name": "delta"}})
     assert resolve_levels(cfg.strategy, ds) == ("delta", "hi", "lo")
     assert resolve_levels(load_config({}).strategy, ds)[0] == "multi-head"
-    assert resolve_levels(load_config({}).strategy, restrict(ds, ["lo"]))[0] == "single"
+    assert resolve_levels(load_config({}).strategy, ds.restrict(["lo"]))[0] == "single"
     with pytest.raises(ConfigError, match="'mp2' is not in the training data"):
         resolve_levels(load_config({"strategy": {"target": "mp2"}}).strategy, ds)
     with pytest.raises(ConfigError, match="needs two fidelities"):
-        resolve_levels(load_config({"strategy": {"name": "transfer"}}).strategy, restrict(ds, ["lo"]))
+        resolve_levels(load_config({"strategy": {"name": "transfer"}}).strategy, ds.restrict(["lo"]))
 
 
 def test_sampling_shares_and_weighted_epochs() -> None:
@@ -165,7 +165,7 @@ def test_fidelity_weights_scale_their_own_terms(tmp_path) -> None:
     ds = two_level_data()
     m = build_potential(MODEL, ds.elements, ["lo", "hi"])
     tc = TrainingConfig(energy_weight=2.0, force_weight=10.0, fidelity_weights={"hi": {"energy": 5.0}})
-    tr = Trainer(m, PackedData(ds, 3.0, ["lo", "hi"]), None, tc, tmp_path / "w", {}, progress=False)
+    tr = Trainer(m, PackedData(ds, 3.0, ["lo", "hi"]), None, tc, tmp_path / "w", {}, None, StepOptions(progress=False))
     w = tr._weights(0.0)
     assert w["energy"].tolist() == [2.0, 10.0] and w["forces"].tolist() == [10.0, 10.0]
 
@@ -234,10 +234,16 @@ def test_multi_head_gives_each_level_its_own_last_block_started_from_the_base_mo
     assert tr.history[0]["lr"] == pytest.approx(1e-4, rel=1e-6)
     with open(tmp_path / "m" / "train" / "metrics.csv") as fh:
         assert "train_energy_hi" in fh.readline()
-    sc, tc = load_config(cfg).strategy, load_config(cfg).training
-    assert _with_target_share(tc, sc, ds, "hi").sampling == {"hi": 0.25}  # 4 of 24 frames: raised to 0.25
-    assert _with_target_share(tc, sc, two_level_data(n=8, n_hi=4), "hi").sampling == {"hi": 0.5}  # already more
-    assert _with_target_share(replace(tc, sampling={"lo": 0.9}), sc, ds, "hi").sampling == {"lo": 0.9}
+    loaded = load_config(cfg)
+    tc = loaded.training
+
+    def shares(tc: TrainingConfig, data) -> dict:
+        run = StrategyRun(loaded, data, None, tmp_path / "unused", False, "hi", "lo", data.elements)
+        return MultiHead(run).training(tc, data).sampling
+
+    assert shares(tc, ds) == {"hi": 0.25}  # 4 of 24 frames: raised to 0.25
+    assert shares(tc, two_level_data(n=8, n_hi=4)) == {"hi": 0.5}  # already more
+    assert shares(replace(tc, sampling={"lo": 0.9}), ds) == {"lo": 0.9}
 
 
 def test_a_warm_started_branched_model_starts_at_the_base_model_at_every_level(tmp_path) -> None:

@@ -16,7 +16,7 @@ from polyfid.models import build_potential
 from polyfid.train.config import ConfigError, TrainingConfig, load_config
 from polyfid.train.losses import loss_terms, pointwise, total_loss
 from polyfid.train.run import run_training
-from polyfid.train.trainer import Trainer
+from polyfid.train.trainer import StepOptions, Trainer
 
 SMALL = {"n_features": 8, "n_sensitivities": 4, "n_interactions": 1, "n_atom_layers": 1, "cutoff": 3.0}
 
@@ -164,7 +164,7 @@ def _trainer(tmp_path, **cfg) -> Trainer:
     val = PackedData(ds[np.arange(16, 24)], 3.0, ["lj"], dtype=torch.float32)
     model.fit_reference_energies(train)
     tc = TrainingConfig(batch_size=4, **cfg)
-    return Trainer(model, train, val, tc, tmp_path, SMALL, progress=False)
+    return Trainer(model, train, val, tc, tmp_path, SMALL, options=StepOptions(progress=False))
 
 
 def test_training_reduces_validation_error(tmp_path) -> None:
@@ -237,7 +237,7 @@ def test_step_budget_stops_mid_epoch_and_schedules_by_steps(tmp_path) -> None:
     assert state.stopped == "step limit" and state.step == 10 and state.epoch == 3
     assert [h["train_steps"] for h in state.history] == [4, 4, 2]
     assert finals == [False] * 8 + [True] * 2  # fraction 8/10 is the switch
-    assert math.isclose(tr._lr(tr.progress_fraction(0, 4)), 1e-5)
+    assert math.isclose(tr._lr(tr.fraction(0, 4)), 1e-5)
     # a finished run resumed with a larger budget continues where it stopped
     tr2 = _trainer(tmp_path, epochs=100, max_steps=12, scheduler="cosine")
     assert tr2.fit(resume=True).step == 12
