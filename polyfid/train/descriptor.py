@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from polyfid.data.batch import PackedData
@@ -44,7 +45,7 @@ class DescriptorTrainer(RunLoop):
         self.train, self.s = train, settings
         self.optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
         self.frames = 0
-        self._order = batch_order(train.n_frames, settings.seed, 0)
+        self._order = np.zeros(0, dtype=np.int64)  # drawn by begin_epoch
 
     def begin_epoch(self) -> int:
         self._order = batch_order(self.train.n_frames, self.s.seed, self.state.epoch)
